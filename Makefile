@@ -1,0 +1,31 @@
+# Two entry points, each complete on a fresh machine with only Python and pip.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build. Keep a CUDA torch that is already there.
+	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "CUDA torch already installed: keeping it"; \
+	else \
+		$(PY) -m pip install --quiet torch==2.13.0; \
+	fi
+	$(PY) -m pip install --quiet -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m flexdraft demo
+
+test: $(STAMP)
+	$(PY) -m flexdraft fetch
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from flexdraft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""The ``flexdraft`` command line. Every user error is one line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flexdraft.errors import FlexDraftError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """JSON lines with a ``prompt`` field, or MT-bench's ``turns`` (its first turn)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise FlexDraftError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompts.append(row["prompt"] if "prompt" in row else row["turns"][0])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise FlexDraftError(f"{path}:{number}: expected a JSON object with a 'prompt' or 'turns' field") from None
+    if not prompts:
+        raise FlexDraftError(f"no prompts in {path}")
+    return prompts
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF checkpoint dir")
+    p.add_argument("--mode", default="ar", choices=["ar", "sequential", "parallel", "flex"])
+    p.add_argument("--drafter", default=None, help="PATH, 'default' (shipped, trained) or 'untrained'")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backend", default="torch", choices=["torch", "triton"],
+                   help="attention/verification/draft-head implementation (triton runs interpreted on a CPU)")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--verify-threshold", type=float, default=0.01)
+    p.add_argument("--verify-strategy", default="cumulative_product", choices=["cumulative_product", "min_confidence"])
+    p.add_argument("--no-calibration", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="flexdraft", description="FlexDraft speculative decoding lab")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    gen = sub.add_parser("generate", help="generate text in any mode")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    source.add_argument("--prompts-file", help="JSON lines with 'prompt' (or MT-bench 'turns')")
+    add_generation_args(gen)
+    gen.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("fetch", help="download and convert the default model and the data sets (cached)")
+    demo = sub.add_parser("demo", help="the main job: answer MT-bench prompts, compare with transformers")
+    demo.add_argument("--prompts", type=int, default=4)
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    return parser
+
+
+def command_generate(args) -> int:
+    from flexdraft.api import FlexDraft
+    from kernels import backend
+
+    from flexdraft.sampling import SamplingParams
+
+    backend.set_backend(args.backend)
+    prompts = args.prompt if args.prompt else read_prompts_file(args.prompts_file)
+    # Check what needs no model before loading one: bad input fails in milliseconds.
+    if any(not p.strip() for p in prompts):
+        raise FlexDraftError("empty prompt: give some text to continue")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise FlexDraftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    try:
+        SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as exc:
+        raise FlexDraftError(str(exc)) from None
+    drafter = args.drafter
+    if drafter is None and args.mode != "ar":
+        drafter = "default"
+    fd = FlexDraft.load(args.model, args.dtype, drafter, args.block_size)
+    result = fd.generate(prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                         raw=args.raw, verify_threshold=args.verify_threshold,
+                         verify_strategy=args.verify_strategy, calibration=not args.no_calibration)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    for out in result.outputs:
+        print(out["text"])
+        print()
+    s = result.stats
+    print(f"[{result.mode}] {s.new_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_s:.1f} tokens/s, "
+          f"{s.target_forwards} target forwards, mean accepted {s.mean_accepted:.2f}", file=sys.stderr)
+    return 0
+
+
+def command_fetch(args) -> int:
+    from flexdraft.assets import fetch_all
+
+    fetch_all()
+    return 0
+
+
+def command_demo(args) -> int:
+    from flexdraft.demo import run_demo
+
+    return run_demo(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens)
+
+
+COMMANDS = {"generate": command_generate, "fetch": command_fetch, "demo": command_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FlexDraftError as exc:
+        print(f"flexdraft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexdraft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Which implementation the hot path uses: ``torch`` (references, the CPU default) or ``triton`` (kernels)."""
+from __future__ import annotations
+
+import os
+
+_BACKEND = os.environ.get("FLEXDRAFT_BACKEND", "torch")
+BACKENDS = ("torch", "triton")
+
+
+def set_backend(name: str) -> None:
+    global _BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+def use_triton() -> bool:
+    return _BACKEND == "triton"
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where kernels take CPU tensors and autotuning cannot run."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): how many programs fill the machine."""
+    import torch
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+_SM_COUNT: dict[int, int] = {}

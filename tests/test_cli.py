@@ -1,0 +1,72 @@
+"""The CLI contract: bad input is one line on stderr and a non-zero exit; --json has the documented shape."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flexdraft.cli import main
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--prompt", ""], "empty prompt"),
+    (["generate", "--prompt", "   "], "empty prompt"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--top-p", "1.01"], "--top-p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "--prompt", "hi", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["generate", "--prompt", "hi", "--model", "/no/such/dir"], "does not exist"),
+    (["generate", "--prompts-file", "/no/such/file.jsonl"], "cannot read prompts file"),
+])
+def test_bad_input_is_one_line_and_nonzero(capsys, argv, message):
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "hi", "--mode", "nonsense"])
+    assert exit_info.value.code != 0
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_prompts_file_accepts_prompt_and_mtbench_turns(tmp_path):
+    from flexdraft.cli import read_prompts_file
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n\n{"turns": ["b", "c"], "question_id": 1}\n')
+    assert read_prompts_file(str(f)) == ["a", "b"]
+    f.write_text('{"text": "a"}\n')
+    with pytest.raises(Exception, match="p.jsonl:1"):
+        read_prompts_file(str(f))
+
+
+def test_corrupt_model_directory_from_a_subprocess_has_no_traceback(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"')
+    proc = subprocess.run([sys.executable, "-m", "flexdraft", "generate", "--prompt", "hi", "--model", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "corrupt config.json" in proc.stderr
+
+
+@pytest.mark.real_model
+def test_json_output_contract_on_default_model(capsys):
+    assert main(["generate", "--prompt", "Name a color.", "--prompt", "Count to three.", "--max-new-tokens", "8",
+                 "--batch-size", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"mode", "model", "outputs", "stats"} and result["mode"] == "ar"
+    for out in result["outputs"]:
+        assert set(out) >= {"prompt", "prompt_token_ids", "token_ids", "text", "finish_reason"}
+        assert 1 <= len(out["token_ids"]) <= 8
+        assert (out["finish_reason"] == "stop") == (len(out["token_ids"]) < 8 or out["token_ids"][-1] == 2)
+    stats = result["stats"]
+    assert stats["new_tokens"] == sum(len(o["token_ids"]) for o in result["outputs"])
+    assert stats["mean_accepted"] == 1.0 and stats["seconds"] > 0 and stats["tokens_per_s"] > 0
+
+
+@pytest.mark.real_model
+def test_too_long_prompt_and_missing_drafter_are_clear(capsys):
+    assert main(["generate", "--prompt", "word " * 9000, "--max-new-tokens", "4"]) != 0
+    assert "exceeds the model's context" in capsys.readouterr().err

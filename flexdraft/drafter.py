@@ -1,0 +1,132 @@
+"""The FlexDraft drafter: the target's own last L layers with trainable copies of their attention projectors.
+
+Mask tokens enter at ``split_layer = N - L`` as ``mask_embedding`` and, in the tuned layers, use this module's
+projectors; the MLPs, norms and ``lm_head`` stay the target's, shared and frozen. The bonus-guided calibration MLP
+(``Linear(2h -> r) -> SiLU -> Linear(r -> vocab)``) corrects the draft logits with the resolved bonus token.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from flexdraft.errors import FlexDraftError
+from flexdraft.model import AttentionWeights, Transformer, model_identity
+
+WEIGHTS_FILE, CONFIG_FILE = "drafter.safetensors", "drafter.json"
+
+
+@dataclass
+class DrafterConfig:
+    num_tuned_layers: int
+    block_size: int = 16
+    calibration_rank: int = 256
+    target: dict = field(default_factory=dict)  # the identity of the target it was trained for
+
+    @staticmethod
+    def default_tuned_layers(num_layers: int) -> int:
+        return max(1, round(0.28 * num_layers))  # the release tunes 10 of 36 layers
+
+
+class Drafter(nn.Module):
+    def __init__(self, target: Transformer, config: DrafterConfig):
+        super().__init__()
+        c = target.config
+        if not 1 <= config.num_tuned_layers <= c.num_layers:
+            raise FlexDraftError(f"num_tuned_layers must be in [1, {c.num_layers}], got {config.num_tuned_layers}")
+        if config.block_size < 2:
+            raise FlexDraftError(f"block size must be at least 2, got {config.block_size}")
+        self.config = config
+        self.split_layer = c.num_layers - config.num_tuned_layers
+        self.block_size = config.block_size
+        self.mask_embedding = nn.Parameter(torch.zeros(c.hidden_size))
+        self.tuned = nn.ModuleList(AttentionWeights(c) for _ in range(config.num_tuned_layers))
+        for attn in self.tuned:
+            for p in attn.parameters():
+                p.requires_grad_(True)
+        r, h, v = config.calibration_rank, c.hidden_size, c.vocab_size
+        self.calib_w1 = nn.Parameter(torch.zeros(r, 2 * h))
+        self.calib_b1 = nn.Parameter(torch.zeros(r))
+        self.calib_w2 = nn.Parameter(torch.zeros(v, r))
+        self.calib_b2 = nn.Parameter(torch.zeros(v))
+
+    def attention(self, layer_index: int) -> AttentionWeights:
+        return self.tuned[layer_index - self.split_layer]
+
+    @property
+    def calibration(self):
+        return self.calib_w1, self.calib_b1, self.calib_w2, self.calib_b2
+
+    # ---- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def initialise(cls, target: Transformer, num_tuned_layers: int | None = None, block_size: int = 16,
+                   calibration_rank: int = 256, seed: int = 0) -> "Drafter":
+        """A fresh drafter: projector copies equal the target's; calibration starts as a no-op (zero output layer)."""
+        tuned = num_tuned_layers or DrafterConfig.default_tuned_layers(target.config.num_layers)
+        config = DrafterConfig(tuned, block_size, calibration_rank, model_identity(target))
+        drafter = cls(target, config).to(device=target.device, dtype=target.dtype)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for i, attn in enumerate(drafter.tuned):
+                attn.load_state_dict(target.layers[drafter.split_layer + i].attn.state_dict())
+            # A mask vector at the scale of the residual stream (a tiny one leaves masks a thousand times too small).
+            scale = target.embed.float().norm(dim=1).mean() * 4
+            direction = torch.randn(target.config.hidden_size, generator=generator)
+            drafter.mask_embedding.copy_(direction / direction.norm() * scale)
+            w1 = torch.randn(drafter.calib_w1.shape, generator=generator) / (2 * target.config.hidden_size) ** 0.5
+            drafter.calib_w1.copy_(w1)
+        return drafter
+
+    def save(self, path: str | Path) -> None:
+        """Write safetensors + JSON atomically (to a temp dir, then rename): an interrupt never leaves half a drafter."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        else:
+            os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, target: Transformer) -> "Drafter":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            raw = json.loads((path / CONFIG_FILE).read_text())
+            config = DrafterConfig(**raw)
+        except FileNotFoundError:
+            raise FlexDraftError(f"no drafter at {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE})") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise FlexDraftError(f"corrupt drafter config {path / CONFIG_FILE}: {exc}") from None
+        identity = model_identity(target)
+        if config.target != identity:
+            raise FlexDraftError(
+                f"drafter {path} was trained for another target ({config.target.get('model_type')} "
+                f"{config.target.get('num_layers')} layers, weights {config.target.get('weights_sha')}); "
+                f"this target is {identity['model_type']} {identity['num_layers']} layers, weights {identity['weights_sha']}")
+        try:
+            tensors = load_file(str(path / WEIGHTS_FILE))
+        except Exception as exc:
+            raise FlexDraftError(f"corrupt drafter weights {path / WEIGHTS_FILE}: {exc}") from None
+        drafter = cls(target, config)
+        try:
+            drafter.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise FlexDraftError(f"drafter weights {path / WEIGHTS_FILE} do not fit its config: {exc}".splitlines()[0]) from None
+        return drafter.to(device=target.device, dtype=target.dtype).eval()

@@ -1,0 +1,219 @@
+"""FlexDraft speculative decoding: parallel draft-and-verify, sequential draft-then-verify, and flex between them.
+
+State between steps, per active sequence (all batched, no loops over rows):
+  cache.lengths  tokens already in the KV cache; the bonus token stands at that position, not yet run
+  bonus          the last resolved token
+  drafts         [B, Bs-1] drafts for the positions after the bonus, with confidence and (sampling) their q
+
+Read ``generate_speculative`` top to bottom: prefill drafts a first block, then each step verifies ``verify_len``
+drafts and obtains the next drafts, in one pass (parallel) or two (sequential).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from flexdraft.batch import Batch, Stats
+from flexdraft.drafter import Drafter
+from flexdraft.generate import choose_tokens, last_hidden, pad_prompts
+from flexdraft.model import KVCache, MaskStream, Transformer
+from flexdraft.rng import Streams
+from flexdraft.sampling import SamplingParams, probabilities
+from kernels.draft_head import draft_head
+from kernels.verify import verify_greedy, verify_sampling
+
+VERIFY_STRATEGIES = ("cumulative_product", "min_confidence")
+MODES = ("sequential", "parallel")
+
+
+@dataclass
+class SpecConfig:
+    verify_threshold: float = 0.01
+    verify_strategy: str = "cumulative_product"
+    calibration: bool = True
+
+    def __post_init__(self):
+        if self.verify_strategy not in VERIFY_STRATEGIES:
+            raise ValueError(f"--verify-strategy must be one of {', '.join(VERIFY_STRATEGIES)}")
+        if not 0 <= self.verify_threshold <= 1:
+            raise ValueError(f"--verify-threshold must be in [0, 1], got {self.verify_threshold}")
+
+
+@dataclass
+class Drafts:
+    tokens: torch.Tensor           # [B, Bs-1]
+    confidence: torch.Tensor       # [B, Bs-1] max draft probability per slot
+    probs: torch.Tensor | None     # [B, Bs-1, V] q, only when sampling
+
+    def keep(self, rows):
+        return Drafts(self.tokens[rows], self.confidence[rows], None if self.probs is None else self.probs[rows])
+
+
+@contextmanager
+def timed(stats: Stats, key: str):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats.timings[key] = stats.timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def verify_len(confidence: torch.Tensor, spec: SpecConfig) -> torch.Tensor:
+    """How many leading drafts to verify, from their confidence; clamped to [1, Bs-1]."""
+    if spec.verify_strategy == "cumulative_product":
+        passing = confidence.cumprod(dim=1) >= spec.verify_threshold
+    else:
+        passing = confidence >= spec.verify_threshold
+    leading = passing.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    return leading.clamp(1, confidence.shape[1])
+
+
+def mask_block(anchor: torch.Tensor, num_groups: int, block_size: int) -> MaskStream:
+    """``num_groups`` mask groups per row; group a stands at ``anchor + a + 1 ..`` and sees the cache up to
+    ``anchor + a`` (the clean tokens 0..a of a parallel step)."""
+    group = torch.arange(num_groups, device=anchor.device).repeat_interleave(block_size)
+    slot = torch.arange(block_size, device=anchor.device).repeat(num_groups)
+    anchors = anchor[:, None] + group[None, :]
+    return MaskStream(positions=anchors + 1 + slot[None, :], anchors=anchors, group_size=block_size)
+
+
+def next_drafts(model: Transformer, drafter: Drafter, block_hidden: torch.Tensor, bonus: torch.Tensor,
+                params: SamplingParams, spec: SpecConfig, streams: Streams) -> Drafts:
+    """Calibrated draft head over slots 2..Bs of one block per row ([B, Bs, h]); slot 1 is the bonus's place."""
+    B, Bs, h = block_hidden.shape
+    slots = block_hidden[:, 1:].reshape(B * (Bs - 1), h)
+    bonus_emb = model.embed[bonus].repeat_interleave(Bs - 1, dim=0)
+    noise = None if params.greedy else streams.exponential((Bs - 1) * model.config.vocab_size).view(B * (Bs - 1), -1)
+    tokens, _, max_prob, probs = draft_head(
+        slots, model.norm, model.config.rms_norm_eps, model.lm_head, bonus_emb,
+        drafter.calibration if spec.calibration else None, params=params, race_noise=noise)
+    return Drafts(tokens.view(B, Bs - 1), max_prob.view(B, Bs - 1).float(),
+                  None if probs is None else probs.view(B, Bs - 1, -1))
+
+
+def verify(logits: torch.Tensor, drafts: Drafts, num_drafts: torch.Tensor, kv_len: torch.Tensor,
+           params: SamplingParams, streams: Streams):
+    """Target logits at [bonus, d_1..d_n] -> (tokens [B, n+1] padded -1, accept_len, new cache length)."""
+    n = logits.shape[1] - 1
+    draft_tokens = drafts.tokens[:, :n]
+    if params.greedy:
+        return verify_greedy(draft_tokens, num_drafts, logits.argmax(dim=-1), kv_len)
+    target_probs = probabilities(logits, params)
+    uniforms = streams.uniform(n).to(target_probs.dtype)
+    race_noise = streams.exponential(logits.shape[-1]).to(target_probs.dtype)
+    return verify_sampling(draft_tokens, num_drafts, drafts.probs[:, :n], target_probs, uniforms, race_noise, kv_len)
+
+
+@torch.no_grad()
+def prefill_with_drafts(model, drafter, prompts, cache: KVCache, params, spec, streams, stats):
+    """Prompts through all layers plus one mask block after each; returns the first token and the first drafts."""
+    tokens, positions, lengths = pad_prompts(prompts, model.device)
+    masks = mask_block(lengths - 1, 1, drafter.block_size)
+    with timed(stats, "target_forward"):
+        clean_hidden, mask_hidden = model(tokens, positions, cache, masks, drafter)
+        bonus = choose_tokens(model.logits(last_hidden(clean_hidden, lengths)), params, streams)
+    cache.lengths = lengths.clone()
+    stats.mask_tokens += mask_hidden.shape[0] * mask_hidden.shape[1]
+    with timed(stats, "draft_head"):
+        drafts = next_drafts(model, drafter, mask_hidden, bonus, params, spec, streams)
+    return bonus, drafts
+
+
+def clean_step_tokens(cache, bonus, drafts, num_drafts):
+    """[bonus, d_1..d_n] at positions L..L+n, n = the batch's largest verify length (shorter rows are padding)."""
+    n = int(num_drafts.max())
+    tokens = torch.cat([bonus[:, None], drafts.tokens[:, :n]], dim=1)
+    positions = cache.lengths[:, None] + torch.arange(n + 1, device=tokens.device)[None, :]
+    return tokens, positions
+
+
+@torch.no_grad()
+def parallel_step(model, drafter, cache, bonus, drafts, num_drafts, params, spec, streams, stats):
+    """One target pass: verify [bonus, drafts] and, beside them, draft from every possible acceptance length."""
+    tokens, positions = clean_step_tokens(cache, bonus, drafts, num_drafts)
+    num_groups = tokens.shape[1]
+    masks = mask_block(cache.lengths, num_groups, drafter.block_size)
+    with timed(stats, "target_forward"):
+        clean_hidden, mask_hidden = model(tokens, positions, cache, masks, drafter)
+        logits = model.logits(clean_hidden)
+    stats.mask_tokens += mask_hidden.shape[0] * mask_hidden.shape[1]
+    with timed(stats, "verify"):
+        out, accept_len, cache.lengths = verify(logits, drafts, num_drafts, cache.lengths, params, streams)
+        new_bonus = out.gather(1, accept_len[:, None]).squeeze(1)
+    # The group of the realised acceptance length drafts the next block; calibration tells it the new bonus.
+    groups = mask_hidden.view(mask_hidden.shape[0], num_groups, drafter.block_size, -1)
+    block = groups[torch.arange(groups.shape[0], device=groups.device), accept_len]
+    with timed(stats, "draft_head"):
+        new_drafts = next_drafts(model, drafter, block, new_bonus, params, spec, streams)
+    return out, accept_len, new_bonus, new_drafts
+
+
+@torch.no_grad()
+def sequential_step(model, drafter, cache, bonus, drafts, num_drafts, params, spec, streams, stats):
+    """A verify pass through the whole target, then a draft pass through the tuned layers only."""
+    tokens, positions = clean_step_tokens(cache, bonus, drafts, num_drafts)
+    with timed(stats, "target_forward"):
+        clean_hidden, _ = model(tokens, positions, cache)
+        logits = model.logits(clean_hidden)
+    with timed(stats, "verify"):
+        out, accept_len, cache.lengths = verify(logits, drafts, num_drafts, cache.lengths, params, streams)
+        new_bonus = out.gather(1, accept_len[:, None]).squeeze(1)
+    # The new bonus has not run through the model: the block's slot 1 stands at its position and sees the cache.
+    masks = mask_block(cache.lengths - 1, 1, drafter.block_size)
+    empty = torch.empty(cache.lengths.shape[0], 0, dtype=torch.int64, device=cache.lengths.device)
+    with timed(stats, "draft_pass"):
+        _, mask_hidden = model(empty, empty, cache, masks, drafter)
+    stats.mask_tokens += mask_hidden.shape[0] * mask_hidden.shape[1]
+    with timed(stats, "draft_head"):
+        new_drafts = next_drafts(model, drafter, mask_hidden, new_bonus, params, spec, streams)
+    return out, accept_len, new_bonus, new_drafts
+
+
+STEPS = {"parallel": parallel_step, "sequential": sequential_step}
+
+
+@torch.no_grad()
+def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[list[int]], max_new_tokens: int,
+                         params: SamplingParams, stop_ids: list[list[int]], seeds: torch.Tensor,
+                         mode="parallel", spec: SpecConfig = SpecConfig()) -> tuple[Batch, Stats]:
+    """``mode`` is "parallel", "sequential", or a callable ``(batch_size) -> mode name`` chosen each step (flex)."""
+    choose_mode = mode if callable(mode) else (lambda _batch_size: mode)
+    device = model.device
+    block = drafter.block_size
+    batch = Batch(len(prompts), max_new_tokens, stop_ids, device)
+    streams = Streams(seeds.to(device))
+    stats = Stats(accept_histogram=[0] * (block + 1))
+    start = time.perf_counter()
+    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + block + 1)
+    bonus, drafts = prefill_with_drafts(model, drafter, prompts, cache, params, spec, streams, stats)
+    stats.target_forwards += 1
+    stats.row_forwards += batch.size
+    stats.accept_histogram[1] += batch.size
+    out, gained = bonus[:, None], torch.ones_like(bonus)
+    while True:
+        stay = batch.append(out, gained)
+        if stay is not None:
+            if stay.numel() == 0:
+                break
+            # Finished sequences leave the batch's work.
+            cache.keep(stay)
+            streams.keep(stay)
+            bonus, drafts = bonus[stay], drafts.keep(stay)
+        room = batch.max_new_tokens - batch.generated[batch.rows]
+        num_drafts = torch.minimum(verify_len(drafts.confidence, spec), (room - 1).clamp(min=1))
+        step = STEPS[choose_mode(batch.size)]
+        out, accept_len, bonus, drafts = step(model, drafter, cache, bonus, drafts, num_drafts, params, spec,
+                                              streams, stats)
+        gained = accept_len + 1
+        stats.target_forwards += 1
+        stats.row_forwards += batch.size
+        stats.accept_histogram = [c + int(n) for c, n in zip(
+            stats.accept_histogram, torch.bincount(gained, minlength=block + 1).tolist())]
+    stats.seconds = time.perf_counter() - start
+    stats.new_tokens = int(batch.generated.sum())
+    return batch, stats

@@ -1,0 +1,167 @@
+"""FlexDraft decoding is lossless: greedy equals autoregressive decoding in every mode and batch size, and sampling
+reproduces the target distribution exactly (checked against enumeration on a tiny model)."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flexdraft.drafter import Drafter
+from flexdraft.generate import generate_ar
+from flexdraft.sampling import SamplingParams, probabilities
+from flexdraft.speculative import SpecConfig, generate_speculative, verify_len
+from helpers import random_prompts, tiny_target
+from kernels.verify import verify_sampling_reference
+
+MODES = ["parallel", "sequential"]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target("qwen3", seed=5)[0]
+
+
+def stops_mid_batch(model, prompts, max_new):
+    """A stop token that the first sequence emits mid-way, so the batch shrinks while others go on."""
+    free, _ = generate_ar(model, prompts, max_new, SamplingParams(), [[-1]] * len(prompts), torch.arange(len(prompts)))
+    return free.results()[0][0][max_new // 3]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch_size", range(1, 9))
+def test_greedy_is_identical_to_autoregressive(target, mode, batch_size):
+    prompts = random_prompts(target.config.vocab_size, [3 + (5 * i) % 11 for i in range(batch_size)], seed=batch_size)
+    stop = stops_mid_batch(target, prompts, 18)
+    stop_ids = [[stop, 96]] * batch_size
+    drafter = Drafter.initialise(target, num_tuned_layers=2, block_size=6, seed=batch_size)
+    expected, _ = generate_ar(target, prompts, 18, SamplingParams(), stop_ids, torch.arange(batch_size))
+    got, stats = generate_speculative(target, drafter, prompts, 18, SamplingParams(), stop_ids,
+                                      torch.arange(batch_size), mode, SpecConfig(verify_threshold=0.0))
+    assert got.results() == expected.results()
+    assert expected.results()[1][0] == "stop"
+    assert stats.new_tokens == sum(len(t) for t in expected.results()[0])
+
+
+def test_parallel_and_sequential_draft_the_same_tokens(target):
+    """Group a of a parallel step sees exactly what the sequential draft pass sees after accepting a drafts."""
+    prompts = random_prompts(target.config.vocab_size, [4, 9, 2], seed=7)
+    drafter = Drafter.initialise(target, num_tuned_layers=3, block_size=5, seed=1)
+    runs = [generate_speculative(target, drafter, prompts, 24, SamplingParams(), [[-1]] * 3, torch.arange(3), m,
+                                 SpecConfig(verify_threshold=0.0)) for m in MODES]
+    assert runs[0][1].accept_histogram == runs[1][1].accept_histogram
+    assert runs[0][1].mask_tokens > runs[1][1].mask_tokens  # parallel pays for v + 1 groups
+
+
+def test_a_drafter_that_knows_the_answer_is_accepted(target):
+    """Drafts equal to the target's own greedy tokens must all be accepted: the acceptance path really works."""
+    from kernels.verify import verify_greedy_reference
+
+    drafts = torch.tensor([[4, 5, 6, 7]])
+    out, accept_len, new_len = verify_greedy_reference(drafts, torch.tensor([4]), torch.tensor([[4, 5, 6, 7, 8]]),
+                                                      torch.tensor([10]))
+    assert accept_len.tolist() == [4] and out.tolist() == [[4, 5, 6, 7, 8]] and new_len.tolist() == [15]
+    out, accept_len, _ = verify_greedy_reference(drafts, torch.tensor([2]), torch.tensor([[4, 5, 6, 7, 8]]),
+                                                 torch.tensor([10]))
+    assert accept_len.tolist() == [2] and out.tolist() == [[4, 5, 6, -1, -1]]
+
+
+def test_one_hot_draft_equal_to_one_hot_target_is_always_accepted():
+    V, n = 7, 3
+    tokens = torch.tensor([[2, 5, 1]] * 50)
+    q = torch.nn.functional.one_hot(tokens, V).float()
+    p = torch.cat([q, torch.full((50, 1, V), 1.0 / V)], dim=1)
+    uniforms = torch.rand(50, n)
+    out, accept_len, _ = verify_sampling_reference(tokens, torch.full((50,), n), q, p, uniforms,
+                                                   torch.empty(50, V).exponential_(), torch.zeros(50, dtype=torch.long))
+    assert (accept_len == n).all() and (out[:, :n] == tokens).all()
+
+
+@pytest.mark.parametrize("strategy,expected", [("cumulative_product", [2, 1, 3]), ("min_confidence", [3, 1, 3])])
+def test_verify_len_follows_confidence(strategy, expected):
+    conf = torch.tensor([[0.5, 0.3, 0.2], [0.001, 0.9, 0.9], [0.9, 0.9, 0.9]])
+    assert verify_len(conf, SpecConfig(0.1, strategy)).tolist() == expected
+
+
+# ---- sampling: the exact target distribution ------------------------------------------------------------------
+VOCAB, CONTINUATION = 6, 3
+PARAMS = SamplingParams(temperature=1.0, top_k=5, top_p=0.95)
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    model, hf = tiny_target("llama", seed=11, vocab_size=VOCAB)
+    return model
+
+
+def exact_distribution(model, prompt, params):
+    """p(x1 x2 x3 | prompt) by enumeration of every continuation."""
+    from flexdraft.generate import pad_prompts
+
+    seqs = [prompt + list(c) for c in itertools.product(range(VOCAB), repeat=CONTINUATION - 1)]
+    tokens, positions, _ = pad_prompts(seqs, "cpu")
+    with torch.no_grad():
+        probs = probabilities(model.logits(model(tokens, positions, model.new_cache(len(seqs), tokens.shape[1]))[0]),
+                              params)
+    n = len(prompt)
+    exact = torch.zeros((VOCAB,) * CONTINUATION, dtype=torch.float64)
+    for i, c in enumerate(itertools.product(range(VOCAB), repeat=CONTINUATION - 1)):
+        pr = probs[i, n - 1, c[0]].double() * probs[i, n, c[1]].double()
+        exact[c] = pr * probs[i, n + 1].double()
+    return exact.flatten()
+
+
+def empirical(batch):
+    tokens, _ = batch.results()
+    idx = torch.tensor([t[0] * VOCAB ** 2 + t[1] * VOCAB + t[2] for t in tokens])
+    return torch.bincount(idx, minlength=VOCAB ** CONTINUATION).double() / len(tokens)
+
+
+def tv(a, b):
+    return 0.5 * float((a - b).abs().sum())
+
+
+def expected_tv_bound(p, n):
+    """An upper bound on E[TV] for n samples: 0.5 * sum sqrt(p (1 - p) / n)."""
+    return 0.5 * float((p * (1 - p) / n).sqrt().sum())
+
+
+@pytest.mark.parametrize("mode", ["ar"] + MODES)
+def test_sampling_matches_exact_target_distribution(small_vocab, mode):
+    model, prompt = small_vocab, [1, 4, 2, 3]
+    exact = exact_distribution(model, prompt, PARAMS)
+    drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=3)
+    distances = []
+    for n, seed0 in [(400, 0), (6400, 10_000)]:
+        seeds = torch.arange(seed0, seed0 + n)
+        if mode == "ar":
+            batch, _ = generate_ar(model, [prompt] * n, CONTINUATION, PARAMS, [[-1]] * n, seeds)
+        else:
+            batch, stats = generate_speculative(model, drafter, [prompt] * n, CONTINUATION, PARAMS, [[-1]] * n,
+                                                seeds, mode, SpecConfig(verify_threshold=0.0))
+            assert stats.mean_accepted > 1.0  # drafts were accepted, so the accept/reject paths both ran
+        distances.append(tv(empirical(batch), exact))
+        assert distances[-1] < 1.5 * expected_tv_bound(exact, n), (n, distances)
+    assert distances[1] < distances[0]
+    # The test has power: a sampler this far off (temperature 0.6 instead of 1) lands beyond the threshold plus noise.
+    other = exact_distribution(model, prompt, SamplingParams(0.6, PARAMS.top_k, PARAMS.top_p))
+    assert tv(other, exact) > 2.5 * expected_tv_bound(exact, 6400)
+
+
+# ---- property-based: random tiny configs, blocks, thresholds and batches ---------------------------------------
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["llama", "qwen2", "qwen3"]), layers=st.integers(2, 4), tuned=st.integers(1, 4),
+       block=st.integers(2, 7), threshold=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
+       strategy=st.sampled_from(["cumulative_product", "min_confidence"]), mode=st.sampled_from(MODES),
+       lengths=st.lists(st.integers(1, 10), min_size=1, max_size=6), max_new=st.integers(1, 20),
+       calibration=st.booleans(), seed=st.integers(0, 1000))
+def test_property_greedy_lossless(family, layers, tuned, block, threshold, strategy, mode, lengths, max_new,
+                                  calibration, seed):
+    model, _ = tiny_target(family, seed=seed, num_hidden_layers=layers)
+    drafter = Drafter.initialise(model, num_tuned_layers=min(tuned, layers), block_size=block, seed=seed)
+    prompts = random_prompts(model.config.vocab_size, lengths, seed=seed)
+    stops = [[seed % model.config.vocab_size]] * len(prompts)
+    expected, _ = generate_ar(model, prompts, max_new, SamplingParams(), stops, torch.arange(len(prompts)))
+    got, _ = generate_speculative(model, drafter, prompts, max_new, SamplingParams(), stops,
+                                  torch.arange(len(prompts)), mode, SpecConfig(threshold, strategy, calibration))
+    assert got.results() == expected.results()

@@ -1,0 +1,125 @@
+"""Benchmarks: each Triton kernel against its torch reference (pytest-benchmark).
+
+Not collected by ``pytest tests`` (the file name does not match test_*.py). Run it with
+
+    pytest tests/bench_kernels.py --benchmark-only -o python_functions='bench_*'
+    python tests/bench_kernels.py            # the same
+
+On CPU the kernels run in the Triton interpreter on tiny shapes: a smoke test of the benchmark itself, not a
+measurement. On a GPU the shapes are the real ones (Qwen3-8B / SmolLM2 heads, vocabularies, batch 1..64).
+Every benchmark checks the kernel against the reference before timing it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():   # before triton is imported: kernels run in the interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # kernel_utils, also when run as a script
+from kernel_utils import DEVICE, ON_GPU  # noqa: E402
+
+from autotune.spaces import MODELS, attention_inputs, draft_head_inputs, verify_inputs  # noqa: E402
+from kernels.block_attention import block_attention_reference, block_attention_triton  # noqa: E402
+from kernels.draft_head import draft_head_reference, draft_head_triton  # noqa: E402
+from kernels.verify import (verify_greedy_reference, verify_greedy_triton, verify_sampling_reference,  # noqa: E402
+                            verify_sampling_triton)
+
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+PROVIDERS = ["triton", "torch"]
+
+
+def timed(benchmark, fn):
+    """Benchmark ``fn`` (synchronising the GPU so the time is the kernel's, not the launch's)."""
+    def call():
+        out = fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return out
+    call()   # warm up: compile outside the timing
+    if ON_GPU:
+        return benchmark.pedantic(call, rounds=50, iterations=5, warmup_rounds=2)
+    return benchmark.pedantic(call, rounds=2, iterations=1)
+
+
+# ---- attention -------------------------------------------------------------------------------------------------------
+if ON_GPU:
+    ATTENTION = [(model, mode, batch) for model in ("smollm2-135m", "qwen3-8b")
+                 for mode in ("decode", "sequential", "parallel") for batch in (1, 16, 64)]
+else:
+    ATTENTION = [("tiny", mode, 2) for mode in ("decode", "sequential", "parallel")]
+
+
+def attention_case(model, mode, batch):
+    if model == "tiny":
+        return attention_inputs(batch, mode, head_dim=16, heads=4, kv_heads=2, cache_len=64, dtype=DTYPE,
+                                device=DEVICE, drafts=2, group_size=4)
+    m = MODELS[model]
+    return attention_inputs(batch, mode, head_dim=m["head_dim"], heads=m["heads"], kv_heads=m["kv_heads"],
+                            cache_len=1024, dtype=DTYPE, device=DEVICE)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("model,mode,batch", ATTENTION)
+def bench_block_attention(benchmark, provider, model, mode, batch):
+    x = attention_case(model, mode, batch)
+    fn = block_attention_triton if provider == "triton" else block_attention_reference
+    if provider == "triton":
+        torch.testing.assert_close(fn(**x).float(), block_attention_reference(**x).float(), rtol=2e-2, atol=2e-2)
+    benchmark.group = f"block_attention {model} {mode} b{batch}"
+    timed(benchmark, lambda: fn(**x))
+
+
+# ---- draft head --------------------------------------------------------------------------------------------------
+DRAFT_HEAD = [(m, rows) for m in ("smollm2-135m", "qwen3-8b") for rows in (15, 240, 960)] if ON_GPU else [("tiny", 17)]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("model,rows", DRAFT_HEAD)
+def bench_draft_head(benchmark, provider, model, rows):
+    m = dict(hidden=48, vocab=300, rank=40) if model == "tiny" else {k: MODELS[model][k] for k in ("hidden", "vocab",
+                                                                                                  "rank")}
+    args, kwargs = draft_head_inputs(rows, **m, dtype=DTYPE, device=DEVICE)
+    fn = draft_head_triton if provider == "triton" else draft_head_reference
+    if provider == "triton":
+        same = (fn(*args, **kwargs)[0] == draft_head_reference(*args, **kwargs)[0]).float().mean().item()
+        assert same > 0.95
+    benchmark.group = f"draft_head {model} rows {rows}"
+    timed(benchmark, lambda: fn(*args, **kwargs))
+
+
+# ---- verification ----------------------------------------------------------------------------------------------------
+VERIFY = [(v, b) for v in (49152, 151936) for b in (1, 16, 64)] if ON_GPU else [(70, 9)]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("vocab,batch", VERIFY)
+def bench_verify_sampling(benchmark, provider, vocab, batch):
+    x = verify_inputs(batch, 15 if ON_GPU else 5, vocab, device=DEVICE)
+    args = (x["draft_tokens"], x["num_drafts"], x["draft_probs"], x["target_probs"], x["uniforms"], x["race_noise"],
+            x["kv_len"])
+    fn = verify_sampling_triton if provider == "triton" else verify_sampling_reference
+    if provider == "triton":
+        assert all(torch.equal(a, b) for a, b in zip(fn(*args), verify_sampling_reference(*args)))
+    benchmark.group = f"verify_sampling V{vocab} b{batch}"
+    timed(benchmark, lambda: fn(*args))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("batch", [1, 64] if ON_GPU else [9])
+def bench_verify_greedy(benchmark, provider, batch):
+    x = verify_inputs(batch, 15 if ON_GPU else 5, 1000, device=DEVICE)
+    args = (x["draft_tokens"], x["num_drafts"], x["target_argmax"], x["kv_len"])
+    fn = verify_greedy_triton if provider == "triton" else verify_greedy_reference
+    if provider == "triton":
+        assert all(torch.equal(a, b) for a, b in zip(fn(*args), verify_greedy_reference(*args)))
+    benchmark.group = f"verify_greedy b{batch}"
+    timed(benchmark, lambda: fn(*args))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "--benchmark-only", "-o", "python_functions=bench_*", *sys.argv[1:]]))

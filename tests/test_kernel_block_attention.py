@@ -1,0 +1,121 @@
+"""block_attention_triton against block_attention_reference: ragged limits, GQA, masks, cache splits, strides."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():   # before triton is imported: kernels run in the interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernel_utils import DEVICE, DTYPES, assert_close, gpu_only, poisoned_allocations, randn, seeded  # noqa: E402
+
+from kernels import backend  # noqa: E402
+from kernels.block_attention import (block_attention, block_attention_launch, block_attention_reference,  # noqa: E402
+                                     block_attention_triton)
+
+SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "num_splits": 0}   # many tiles
+SPLIT = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "num_splits": 3}   # cache split 3 ways
+
+# name: (batch, q heads, kv heads, head dim, cache slots, num_clean, mask groups, group_size)
+CASES = {
+    "decode-gqa3": (3, 6, 2, 16, 300, 1, 0, 1),
+    "decode-mha-d64": (2, 2, 2, 64, 300, 1, 0, 1),
+    "prefill-17": (2, 3, 1, 16, 300, 17, 0, 1),
+    "sequential-16-masks": (2, 6, 2, 16, 300, 0, 1, 16),
+    "parallel-3-groups": (2, 6, 2, 64, 300, 3, 3, 4),
+    "parallel-2-groups-of-16": (1, 3, 1, 16, 100, 2, 2, 16),
+}
+
+
+def make_step(name: str, dtype: torch.dtype, seed: int = 0) -> dict:
+    """One step of a ragged batch: sequence b has its own cached length; clean token t sees slots <= cached + t;
+    mask group a sees slots <= cached + a (its anchor), or the cached prefix when there are no clean tokens."""
+    B, Hq, Hkv, D, S, num_clean, groups, group_size = CASES[name]
+    gen = seeded(seed)
+    num_masks = groups * group_size
+    T = num_clean + num_masks
+    cached = torch.randint(1, S - num_clean, (B,), generator=gen)
+    cached[0] = 0 if num_clean else 1   # one sequence starts empty (prefill) or nearly
+    clean = cached[:, None] + torch.arange(num_clean)[None, :]
+    if num_clean:
+        anchor = cached[:, None] + torch.arange(groups).repeat_interleave(group_size)[None, :].clamp(max=num_clean - 1)
+    else:
+        anchor = (cached - 1)[:, None].expand(B, num_masks)
+    kv_limit = torch.cat([clean, anchor], dim=1).to(DEVICE)
+    # the cache is a view of a [layers, B, Hkv, S, D] tensor; q is a transposed (non-contiguous) view
+    k_all, v_all = randn(3, B, Hkv, S, D, gen=gen, dtype=dtype), randn(3, B, Hkv, S, D, gen=gen, dtype=dtype)
+    q = randn(B, Hq, T, D, gen=gen, dtype=dtype).transpose(1, 2)
+    masks = (randn(B, num_masks, Hkv, D, gen=gen, dtype=dtype), randn(B, num_masks, Hkv, D, gen=gen, dtype=dtype))
+    return dict(q=q, k_cache=k_all[1], v_cache=v_all[1], kv_limit=kv_limit,
+                k_mask=masks[0] if num_masks else None, v_mask=masks[1] if num_masks else None,
+                num_clean=num_clean, group_size=group_size)
+
+
+def run_poisoned(fn, **kwargs):
+    with poisoned_allocations():
+        return fn(**kwargs)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("config", [SMALL, SPLIT], ids=["tiles", "split3"])
+def test_matches_reference_fp32(name, config):
+    step = make_step(name, torch.float32)
+    out = run_poisoned(block_attention_launch, **step, config=config)
+    assert out.shape == step["q"].shape and out.dtype == torch.float32
+    assert_close(out, block_attention_reference(**step))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=["fp16", "bf16"])
+def test_matches_reference_low_precision(name, dtype):
+    step = make_step(name, dtype, seed=1)
+    out = run_poisoned(block_attention_launch, **step, config=SMALL)
+    assert out.dtype == dtype
+    assert_close(out, block_attention_reference(**step), dtype)
+
+
+@pytest.mark.parametrize("name", ["decode-gqa3", "parallel-3-groups"])
+def test_public_wrapper_default_config(name):
+    step = make_step(name, torch.float32, seed=2)
+    assert_close(run_poisoned(block_attention_triton, **step), block_attention_reference(**step))
+
+
+def test_kv_extent_bounds_the_cache():
+    step = make_step("prefill-17", torch.float32, seed=3)
+    full = int(step["kv_limit"].max()) + 1
+    for extent in (full, 40):   # 40 cuts some rows' limits: those slots become invisible, as in the reference
+        out = run_poisoned(block_attention_launch, **step, kv_extent=extent, config=SMALL)
+        assert_close(out, block_attention_reference(**step, kv_extent=extent))
+
+
+def test_explicit_scale():
+    step = make_step("parallel-3-groups", torch.float32, seed=4)
+    out = run_poisoned(block_attention_launch, **step, scale=0.3, config=SMALL)
+    assert_close(out, block_attention_reference(**step, scale=0.3))
+
+
+def test_dispatcher_uses_the_kernel():
+    step = make_step("sequential-16-masks", torch.float32, seed=5)
+    previous = backend.get_backend()
+    backend.set_backend("triton")
+    try:
+        out = run_poisoned(block_attention, **step)
+    finally:
+        backend.set_backend(previous)
+    assert_close(out, block_attention_reference(**step))
+
+
+# ---- GPU only: bf16 at the real shapes, default and tuned configs, automatic cache splits ------------------------
+@gpu_only
+@pytest.mark.parametrize("model", ["smollm2-135m", "qwen3-8b"])
+@pytest.mark.parametrize("mode,batch", [("decode", 1), ("decode", 64), ("sequential", 8), ("parallel", 1),
+                                        ("parallel", 8), ("prefill", 2)])
+def test_real_shapes_bf16(model, mode, batch):
+    from autotune.spaces import MODELS, attention_inputs
+    m = MODELS[model]
+    step = attention_inputs(batch, mode, head_dim=m["head_dim"], heads=m["heads"], kv_heads=m["kv_heads"],
+                            cache_len=256 if mode == "prefill" else 1024, dtype=torch.bfloat16, device=DEVICE)
+    out = run_poisoned(block_attention_triton, **step)
+    torch.testing.assert_close(out.float(), block_attention_reference(**step).float(), rtol=2e-2, atol=2e-2)

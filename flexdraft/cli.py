@@ -65,6 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
+    data = sub.add_parser("data", help="build the self-distilled training corpus (cached, resumable)")
+    data.add_argument("--model", default="default")
+    data.add_argument("--num-prompts", type=int, default=2000)
+    data.add_argument("--max-new-tokens", type=int, default=160)
+    data.add_argument("--max-prompt-tokens", type=int, default=256)
+    data.add_argument("--batch-size", type=int, default=32)
+    data.add_argument("--temperature", type=float, default=0.0, help="0: greedy responses; > 0: sampled")
+    data.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+
+    train = sub.add_parser("train", help="train a drafter (attention tuning + calibration) on the corpus")
+    train.add_argument("--model", default="default")
+    train.add_argument("--out", required=True, help="run directory: <out>/drafter (use it) and <out>/state (resume)")
+    train.add_argument("--corpus", default=None, help="corpus JSONL (default: the one `flexdraft data` built)")
+    train.add_argument("--fresh", action="store_true", help="start over instead of resuming from <out>/state")
+    from flexdraft.train import TrainConfig
+    for name, value in TrainConfig().__dict__.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            train.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
+        else:
+            train.add_argument(flag, type=int if name == "num_tuned_layers" else type(value), default=value)
+
     sub.add_parser("fetch", help="download and convert the default model and the data sets (cached)")
     demo = sub.add_parser("demo", help="the main job: answer MT-bench prompts, compare with transformers")
     demo.add_argument("--prompts", type=int, default=4)
@@ -110,6 +132,39 @@ def command_generate(args) -> int:
     return 0
 
 
+def command_data(args) -> int:
+    from flexdraft.api import FlexDraft
+    from flexdraft.data import DataConfig, build_corpus
+
+    if args.num_prompts < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise FlexDraftError("--num-prompts, --batch-size and --max-new-tokens must be at least 1")
+    fd = FlexDraft.load(args.model, args.dtype)
+    path = build_corpus(fd, DataConfig(args.num_prompts, args.max_prompt_tokens, args.max_new_tokens,
+                                       args.batch_size, args.temperature))
+    print(path)
+    return 0
+
+
+def command_train(args) -> int:
+    from dataclasses import fields
+
+    from flexdraft.api import FlexDraft
+    from flexdraft.data import corpus_path, read_corpus, split_corpus
+    from flexdraft.train import TrainConfig, train
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if config.steps < 1 or config.block_size < 2 or config.sequences_per_step < 1:
+        raise FlexDraftError("--steps and --sequences-per-step must be at least 1, --block-size at least 2")
+    fd = FlexDraft.load(args.model, "float32")
+    path = Path(args.corpus) if args.corpus else corpus_path(fd.model.fingerprint, 0.0)
+    rows, held_out = split_corpus(read_corpus(path))
+    print(f"corpus {path}: {len(rows)} training and {len(held_out)} held-out responses", file=sys.stderr)
+    train(fd.model, rows, held_out, Path(args.out), config, resume=not args.fresh,
+          log=lambda m: print(m, file=sys.stderr))
+    print(Path(args.out) / "drafter")
+    return 0
+
+
 def command_fetch(args) -> int:
     from flexdraft.assets import fetch_all
 
@@ -123,7 +178,8 @@ def command_demo(args) -> int:
     return run_demo(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens)
 
 
-COMMANDS = {"generate": command_generate, "fetch": command_fetch, "demo": command_demo}
+COMMANDS = {"generate": command_generate, "fetch": command_fetch, "demo": command_demo, "data": command_data,
+            "train": command_train}
 
 
 def main(argv: list[str] | None = None) -> int:

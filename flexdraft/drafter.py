@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,26 @@ from flexdraft.errors import FlexDraftError
 from flexdraft.model import AttentionWeights, Transformer, model_identity
 
 WEIGHTS_FILE, CONFIG_FILE = "drafter.safetensors", "drafter.json"
+
+
+@contextmanager
+def atomic_directory(path: str | Path):
+    """Write a directory's files into a temporary sibling, then swap it into place with renames."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+        os.replace(path, old / "d")
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 @dataclass
@@ -82,25 +104,14 @@ class Drafter(nn.Module):
             drafter.calib_w1.copy_(w1)
         return drafter
 
-    def save(self, path: str | Path) -> None:
-        """Write safetensors + JSON atomically (to a temp dir, then rename): an interrupt never leaves half a drafter."""
+    def save(self, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Write safetensors + JSON atomically: an interrupt never leaves half a drafter."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
-        else:
-            os.replace(tmp, path)
+        with atomic_directory(path) as tmp:
+            tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
     def load(cls, path: str | Path, target: Transformer) -> "Drafter":

@@ -43,8 +43,8 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: [B, T, Hkv, D] at positions [B, T]."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer][rows, :, positions] = k
-        self.v[layer][rows, :, positions] = v
+        self.k[layer][rows, :, positions] = k.to(self.k.dtype)  # autocast may hand bf16 to an fp32 cache
+        self.v[layer][rows, :, positions] = v.to(self.v.dtype)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop finished sequences from the batch (one copy per finish event, not per step)."""
@@ -176,8 +176,10 @@ class Transformer(nn.Module):
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                masks: MaskStream | None = None, drafter=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                masks: MaskStream | None = None, drafter=None,
+                stop_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one step; returns the final hidden states of the clean tokens [B, Tc, h] and of the masks [B, Tm, h].
+        ``stop_layer`` returns the residual stream entering that layer instead (drafter initialisation uses it).
 
         tokens, positions [B, Tc]: clean tokens (Tc may be 0: a draft-only pass starts at the split layer).
         Their K/V are written into the cache at their positions before attending, so causality is ``kv <= position``.
@@ -189,7 +191,7 @@ class Transformer(nn.Module):
         if masks is not None:
             cos_m, sin_m = self.rope(masks.positions)
             kv_limit_masks = masks.anchors
-        for index in range(first, len(self.layers)):
+        for index in range(first, len(self.layers) if stop_layer is None else stop_layer):
             layer = self.layers[index]
             if masks is not None and index == drafter.split_layer:
                 mask_hidden = drafter.mask_embedding.to(self.dtype).expand(positions.shape[0], masks.positions.shape[1], -1)

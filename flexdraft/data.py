@@ -1,0 +1,112 @@
+"""``flexdraft data``: a self-distilled training corpus, built by the target itself with our batched runtime.
+
+Prompts are ShareGPT first turns (evaluation prompts filtered out by ``assets.sharegpt_prompts``), wrapped in the chat
+template; responses are the target's own greedy (or sampled) continuations. The corpus is a JSON-lines file appended
+one batch at a time, so an interrupt loses at most the batch in flight and a rerun resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexdraft.errors import FlexDraftError
+
+
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha1(prompt.strip().encode()).hexdigest()[:16]
+
+
+def is_held_out(key: str) -> bool:
+    """A fixed 1-in-32 slice of prompts never trains: it measures acceptance during training."""
+    return int(key, 16) % 32 == 0
+
+
+def corpus_path(fingerprint: str, temperature: float) -> Path:
+    from flexdraft.assets import cache_dir
+
+    suffix = "greedy" if temperature == 0 else f"t{temperature:g}"
+    return cache_dir() / "corpus" / f"{fingerprint}-{suffix}.jsonl"
+
+
+def read_corpus(path: Path) -> list[dict]:
+    """Rows of a corpus file; a torn last line (an interrupted append) is ignored."""
+    rows = []
+    if not path.exists():
+        return rows
+    with path.open() as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+@dataclass
+class DataConfig:
+    num_prompts: int = 2000
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 160
+    batch_size: int = 32
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def build_corpus(fd, config: DataConfig, prompts: list[str] | None = None, path: Path | None = None) -> Path:
+    """Generate responses for up to ``num_prompts`` prompts not yet in the corpus; returns the corpus path."""
+    from tqdm import tqdm
+
+    from flexdraft.generate import generate_ar
+    from flexdraft.sampling import SamplingParams
+
+    if prompts is None:
+        from flexdraft.assets import sharegpt_prompts
+
+        prompts = sharegpt_prompts()
+    path = path or corpus_path(fd.model.fingerprint or "model", config.temperature)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {row["key"] for row in read_corpus(path)}
+    todo, seen = [], set(done)
+    for prompt in prompts:
+        key = prompt_key(prompt)
+        if key in seen or not prompt.strip():
+            continue
+        seen.add(key)
+        ids = fd.encode([prompt])[0]
+        if len(ids) <= config.max_prompt_tokens:
+            todo.append((key, ids))
+        if len(done) + len(todo) >= config.num_prompts:
+            break
+    if not todo:
+        print(f"corpus {path} already holds {len(done)} responses", file=sys.stderr)
+        return path
+    # Similar lengths batch together: less padding, fewer wasted prefill tokens.
+    todo.sort(key=lambda item: len(item[1]))
+    params = SamplingParams(temperature=config.temperature)
+    stops = fd.stop_ids()
+    with path.open("a") as out, tqdm(total=len(todo), desc="self-distilling", unit="prompt") as bar:
+        for first in range(0, len(todo), config.batch_size):
+            chunk = todo[first: first + config.batch_size]
+            seeds = torch.tensor([int(key, 16) % (2 ** 31) + config.seed for key, _ in chunk])
+            batch, stats = generate_ar(fd.model, [ids for _, ids in chunk], config.max_new_tokens, params,
+                                       [stops] * len(chunk), seeds)
+            tokens, reasons = batch.results()
+            for (key, ids), response, reason in zip(chunk, tokens, reasons):
+                out.write(json.dumps({"key": key, "prompt_ids": ids, "response_ids": response,
+                                      "finish_reason": reason, "held_out": is_held_out(key)}) + "\n")
+            out.flush()
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
+    return path
+
+
+def split_corpus(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    usable = [r for r in rows if len(r["response_ids"]) >= 4]
+    if not usable:
+        raise FlexDraftError("the corpus has no usable responses: run `flexdraft data` first")
+    return [r for r in usable if not r["held_out"]], [r for r in usable if r["held_out"]]

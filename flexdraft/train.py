@@ -1,0 +1,255 @@
+"""``flexdraft train``: attention tuning and bonus-guided calibration on a self-distilled corpus.
+
+One training step, for a few corpus sequences at once:
+1. the clean sequence runs once through the frozen target, without gradients, filling a KV cache (the clean tokens
+   never see masks, so their K/V in the tuned layers are fixed);
+2. many mask blocks, one after each random anchor, run through the tuned layers in one pass: exactly the runtime's
+   draft pass (``Transformer.forward`` with a ``MaskStream``), so training and decoding share one attention rule;
+3. the loss is cross-entropy on slots 2..B_s against the target's own tokens, for the raw draft logits and for the
+   logits calibrated with the true token at slot 1 (the bonus), with optional position-decayed weights.
+Checkpoints are atomic and carry the optimizer and the step, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flexdraft.drafter import Drafter, DrafterConfig, atomic_directory
+from flexdraft.errors import FlexDraftError
+from flexdraft.model import MaskStream, Transformer, model_identity
+from kernels.draft_head import rms_norm
+
+STATE_WEIGHTS, STATE_OPTIMIZER, STATE_JSON = "drafter_fp32.safetensors", "optimizer.safetensors", "state.json"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    num_tuned_layers: int | None = None
+    block_size: int = 16
+    calibration_rank: int = 256
+    sequences_per_step: int = 4
+    blocks_per_sequence: int = 16
+    lr: float = 5e-4
+    warmup_steps: int = 20
+    position_decay: float = 7.0      # slot weight exp(-(k-1)/decay) for draft k; 0 switches it off
+    raw_loss_weight: float = 0.0     # > 0 also trains the uncalibrated logits directly (costs a second softmax)
+    eval_every: int = 50
+    eval_sequences: int = 24
+    save_every: int = 25
+    seed: int = 0
+    bf16: bool = True
+
+
+# ---- one batch of sequences --------------------------------------------------------------------------------------
+def pad_sequences(rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens [B, T] (prompt + response), their lengths, and where each response starts."""
+    seqs = [r["prompt_ids"] + r["response_ids"] for r in rows]
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    starts = torch.tensor([len(r["prompt_ids"]) for r in rows], device=device)
+    tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.int64, device=device)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    return tokens, lengths, starts
+
+
+def sample_anchors(lengths, starts, count: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, count] anchors: the last clean token a block sees; from the last prompt token to the third-last token
+    (so at least one draft slot has a label). Rows with fewer candidates repeat some."""
+    low = starts - 1
+    span = (lengths - 2 - low).clamp(min=1)
+    u = torch.rand(len(lengths), count, generator=generator)
+    return low[:, None] + (u * span[:, None]).long()
+
+
+@torch.no_grad()
+def clean_cache(model: Transformer, tokens: torch.Tensor, bf16: bool = False):
+    """The frozen target's K/V of the clean tokens (all layers; the tuned ones are what masks attend to)."""
+    cache = model.new_cache(tokens.shape[0], tokens.shape[1])
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and model.device.type == "cpu"):
+        model(tokens, positions, cache)
+    return cache
+
+
+def block_logits(model, drafter, cache, tokens, anchors, calibrate=True):
+    """Raw and calibrated draft logits of slots 2..B_s for every anchor, and their labels (-100 past the end).
+
+    Returns raw [B, G, Bs-1, V], calibrated (or None), labels [B, G, Bs-1].
+    """
+    Bs = drafter.block_size
+    B, G = anchors.shape
+    group_anchor = anchors.repeat_interleave(Bs, dim=1)
+    slot = torch.arange(Bs, device=anchors.device).repeat(G)
+    masks = MaskStream(positions=group_anchor + 1 + slot[None], anchors=group_anchor, group_size=Bs)
+    empty = torch.empty(B, 0, dtype=torch.int64, device=tokens.device)
+    _, hidden = model(empty, empty, cache, masks, drafter)
+    hidden = hidden.view(B, G, Bs, -1)[:, :, 1:]
+    normed = rms_norm(hidden, model.norm, model.config.rms_norm_eps)
+    raw = F.linear(normed, model.lm_head)
+    label_pos = anchors[:, :, None] + 1 + torch.arange(1, Bs, device=anchors.device)[None, None]
+    labels = tokens.gather(1, label_pos.clamp(max=tokens.shape[1] - 1).flatten(1)).view(B, G, Bs - 1)
+    calibrated = None
+    if calibrate:
+        bonus = tokens.gather(1, (anchors + 1).clamp(max=tokens.shape[1] - 1))
+        w1, b1, w2, b2 = drafter.calibration
+        x = torch.cat([model.embed[bonus][:, :, None].expand(-1, -1, Bs - 1, -1).to(normed.dtype), normed], dim=-1)
+        calibrated = raw + F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
+    return raw, calibrated, labels, label_pos
+
+
+def slot_weights(block_size: int, decay: float, device) -> torch.Tensor:
+    k = torch.arange(block_size - 1, device=device, dtype=torch.float32)
+    return torch.exp(-k / decay) if decay > 0 else torch.ones_like(k)
+
+
+def loss_on(logits, labels, valid, weights):
+    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+    w = weights[None, None] * valid
+    return (ce * w).sum() / w.sum().clamp(min=1e-6)
+
+
+# ---- evaluation: teacher-forced acceptance ------------------------------------------------------------------------
+@torch.no_grad()
+def acceptance(model, drafter, rows, calibrate=True, anchors_per_sequence=24, batch=4) -> float:
+    """Mean accepted length (bonus included) if every draft of a block were verified greedily against the
+    target's own tokens: 1 + the number of leading slots whose argmax equals the corpus token."""
+    total, count = 0.0, 0
+    generator = torch.Generator().manual_seed(1234)
+    for first in range(0, len(rows), batch):
+        tokens, lengths, starts = pad_sequences(rows[first: first + batch], model.device)
+        cache = clean_cache(model, tokens)
+        anchors = sample_anchors(lengths, starts, anchors_per_sequence, generator)
+        raw, calibrated, labels, label_pos = block_logits(model, drafter, cache, tokens, anchors, calibrate)
+        logits = calibrated if calibrate else raw
+        valid = label_pos < lengths[:, None, None]
+        hits = (logits.argmax(-1) == labels) & valid
+        accepted = hits.long().cumprod(-1).sum(-1)
+        total += float((accepted + 1).sum())
+        count += accepted.numel()
+    return total / max(count, 1)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------------
+def save_state(directory: Path, drafter: Drafter, optimizer, step: int, config: TrainConfig, history: list) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_directory(directory / "state") as tmp:
+        save_file({k: v.detach().float().contiguous() for k, v in drafter.state_dict().items()}, str(tmp / STATE_WEIGHTS))
+        moments = {}
+        for i, p in enumerate(drafter.parameters()):
+            for key, value in optimizer.state.get(p, {}).items():
+                moments[f"{i}.{key}"] = value.detach().float().reshape(value.shape).contiguous()
+        save_file(moments, str(tmp / STATE_OPTIMIZER))
+        (tmp / STATE_JSON).write_text(json.dumps({"step": step, "config": asdict(config), "history": history,
+                                                  "drafter_config": asdict(drafter.config)}, indent=1))
+    drafter.save(directory / "drafter")
+
+
+def load_state(directory: Path, model, optimizer_factory):
+    from safetensors.torch import load_file
+
+    state = json.loads((directory / "state" / STATE_JSON).read_text())
+    drafter = Drafter(model, DrafterConfig(**state["drafter_config"])).to(model.device)
+    if drafter.config.target != model_identity(model):
+        raise FlexDraftError(f"the checkpoint in {directory} was trained for another target")
+    drafter.load_state_dict(load_file(str(directory / "state" / STATE_WEIGHTS)))
+    optimizer = optimizer_factory(drafter)
+    moments = load_file(str(directory / "state" / STATE_OPTIMIZER))
+    for i, p in enumerate(drafter.parameters()):
+        entry = {k.split(".", 1)[1]: v for k, v in moments.items() if k.split(".", 1)[0] == str(i)}
+        if entry:
+            optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v) for k, v in entry.items()}
+    return drafter, optimizer, state["step"], state["history"]
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+def initial_mask_embedding(model, rows, split_layer) -> torch.Tensor:
+    """The mean residual-stream state entering the split layer: masks start at the scale clean tokens live at."""
+    tokens, lengths, _ = pad_sequences(rows, model.device)
+    with torch.no_grad():
+        positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+        hidden, _ = model(tokens, positions, model.new_cache(*tokens.shape), stop_layer=split_layer)
+    valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    return hidden[valid].float().mean(0)
+
+
+def make_optimizer(config: TrainConfig):
+    def factory(drafter):
+        return torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=config.lr,
+                                 weight_decay=0.0, betas=(0.9, 0.95))
+    return factory
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path, config: TrainConfig,
+          resume: bool = True, log=print) -> Drafter:
+    from tqdm import tqdm
+
+    if model.dtype != torch.float32:
+        raise FlexDraftError("train with the float32 target (bf16 autocast is applied inside)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(config.seed)
+    factory = make_optimizer(config)
+    if resume and (out / "state" / STATE_JSON).exists():
+        drafter, optimizer, start, history = load_state(out, model, factory)
+        log(f"resuming from step {start} in {out}")
+    else:
+        drafter = Drafter.initialise(model, config.num_tuned_layers, config.block_size, config.calibration_rank,
+                                     seed=config.seed)
+        with torch.no_grad():
+            drafter.mask_embedding.copy_(initial_mask_embedding(model, rows[:8], drafter.split_layer))
+        optimizer, start, history = factory(drafter), 0, []
+    drafter.train()
+    weights = slot_weights(drafter.block_size, config.position_decay, model.device)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training drafter", unit="step")
+    for step in bar:
+        # Deterministic in the step number, so a resumed run sees what an uninterrupted one would have.
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        picks = [(step * config.sequences_per_step + i) % len(rows) for i in range(config.sequences_per_step)]
+        tokens, lengths, starts = pad_sequences([rows[int(order[i])] for i in picks], model.device)
+        cache = clean_cache(model, tokens, config.bf16)
+        anchors = sample_anchors(lengths, starts, config.blocks_per_sequence, generator)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and model.device.type == "cpu"):
+            raw, calibrated, labels, label_pos = block_logits(model, drafter, cache, tokens, anchors)
+        valid = (label_pos < lengths[:, None, None]).float()
+        loss_cal = loss_on(calibrated, labels, valid, weights)
+        loss = loss_cal
+        if config.raw_loss_weight > 0:
+            loss = loss + config.raw_loss_weight * loss_on(raw, labels, valid, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss_cal.item():.3f}")
+        done = step + 1
+        record = {"step": done, "loss": round(loss_cal.item(), 4), "time": time.time()}
+        if held_out and (done % config.eval_every == 0 or done == config.steps):
+            drafter.eval()
+            record["tau"] = round(acceptance(model, drafter, held_out[: config.eval_sequences]), 4)
+            record["tau_raw"] = round(acceptance(model, drafter, held_out[: config.eval_sequences], False), 4)
+            drafter.train()
+            bar.write(f"step {done}: held-out mean accepted length {record['tau']:.3f} "
+                      f"(without calibration {record['tau_raw']:.3f}), loss {record['loss']:.3f}")
+        history.append(record)
+        if done % config.save_every == 0 or done == config.steps:
+            save_state(out, drafter, optimizer, done, config, history)
+    drafter.eval()
+    return drafter

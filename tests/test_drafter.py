@@ -1,0 +1,68 @@
+"""The drafter's checkpoint: safetensors + JSON, bf16, refused by any other target, clear errors when broken."""
+import json
+
+import pytest
+import torch
+
+from flexdraft.drafter import CONFIG_FILE, WEIGHTS_FILE, Drafter
+from flexdraft.errors import FlexDraftError
+from helpers import tiny_target
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target("qwen3", seed=1)[0]
+
+
+def test_save_and_load_round_trip_in_bf16(target, tmp_path):
+    drafter = Drafter.initialise(target, num_tuned_layers=2, block_size=6, calibration_rank=8, seed=3)
+    drafter.save(tmp_path / "d")
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "d" / WEIGHTS_FILE))
+    assert all(t.dtype == torch.bfloat16 for t in stored.values())
+    loaded = Drafter.load(tmp_path / "d", target)
+    assert loaded.block_size == 6 and loaded.split_layer == target.config.num_layers - 2
+    for name, value in drafter.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value.to(torch.bfloat16).float())
+    # q_norm / k_norm copies exist for Qwen3 and start equal to the target's
+    assert loaded.tuned[0].q_norm is not None
+
+
+def test_a_drafter_for_another_target_is_refused(target, tmp_path):
+    Drafter.initialise(target, num_tuned_layers=1).save(tmp_path / "d")
+    other, _ = tiny_target("qwen3", seed=2)  # same shapes, other weights
+    with pytest.raises(FlexDraftError, match="trained for another target"):
+        Drafter.load(tmp_path / "d", other)
+
+
+def test_broken_drafters_are_clear_errors(target, tmp_path):
+    with pytest.raises(FlexDraftError, match="no drafter"):
+        Drafter.load(tmp_path / "missing", target)
+    Drafter.initialise(target, num_tuned_layers=1).save(tmp_path / "d")
+    weights = tmp_path / "d" / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(FlexDraftError, match="corrupt drafter weights"):
+        Drafter.load(tmp_path / "d", target)
+    (tmp_path / "d" / CONFIG_FILE).write_text("{")
+    with pytest.raises(FlexDraftError, match="corrupt drafter config"):
+        Drafter.load(tmp_path / "d", target)
+
+
+def test_save_is_atomic_when_interrupted(target, tmp_path, monkeypatch):
+    drafter = Drafter.initialise(target, num_tuned_layers=1)
+    drafter.save(tmp_path / "d")
+    before = (tmp_path / "d" / WEIGHTS_FILE).read_bytes()
+    import safetensors.torch
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with torch.no_grad():
+        drafter.mask_embedding.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        drafter.save(tmp_path / "d")
+    assert (tmp_path / "d" / WEIGHTS_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert json.loads((tmp_path / "d" / CONFIG_FILE).read_text())["num_tuned_layers"] == 1

@@ -1,0 +1,95 @@
+"""``flexdraft evaluate``: a drafter's acceptance and speed on MT-bench and HumanEval, all modes in one run.
+
+Greedy, batch 1. Configurations run interleaved prompt by prompt (ar, sequential, parallel, parallel without
+calibration), so a noisy shared machine slows them alike; each output is checked against ``ar`` token for token.
+Writes ``<out>.json`` (every figure, with provenance) and ``<out>.md``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+CONFIGS = {"ar": dict(mode="ar"), "sequential": dict(mode="sequential"), "parallel": dict(mode="parallel"),
+           "parallel, no calibration": dict(mode="parallel", calibration=False)}
+
+
+def position_acceptance(histogram: list[int]) -> list[float]:
+    """P(draft k accepted) for k = 1..: the share of steps that gained more than k tokens (bonus included)."""
+    steps = sum(histogram)
+    return [sum(histogram[k + 1:]) / steps if steps else 0.0 for k in range(1, len(histogram) - 1)]
+
+
+def evaluate(fd, datasets: dict[str, list[str]], max_new_tokens: int, log=print) -> dict:
+    from tqdm import tqdm
+
+    from flexdraft.api import merge_stats
+    from flexdraft.batch import Stats
+
+    results = {}
+    for name, prompts in datasets.items():
+        ids = fd.encode(prompts)
+        fd.generate(prompt_ids=ids[:1], mode="parallel", max_new_tokens=4)  # warm-up
+        totals = {config: Stats() for config in CONFIGS}
+        mismatches = {config: 0 for config in CONFIGS}
+        for prompt in tqdm(ids, desc=name, unit="prompt"):
+            reference = None
+            for config, kwargs in CONFIGS.items():
+                result = fd.generate(prompt_ids=[prompt], max_new_tokens=max_new_tokens, **kwargs)
+                merge_stats(totals[config], result.stats)
+                tokens = result.outputs[0]["token_ids"]
+                reference = tokens if reference is None else reference
+                mismatches[config] += tokens != reference
+        ar_rate = totals["ar"].tokens_per_s
+        results[name] = {config: {"mean_accepted": s.mean_accepted, "tokens_per_s": s.tokens_per_s,
+                                  "speedup": s.tokens_per_s / ar_rate if ar_rate else 0.0,
+                                  "new_tokens": s.new_tokens, "seconds": s.seconds,
+                                  "accept_histogram": s.accept_histogram,
+                                  "position_acceptance": position_acceptance(s.accept_histogram),
+                                  "timings": s.timings, "outputs_differing_from_ar": mismatches[config],
+                                  "prompts": len(ids)}
+                         for config, s in totals.items()}
+    return results
+
+
+def markdown(results: dict, meta: dict) -> str:
+    lines = [f"# Drafter acceptance and speed: `{meta['drafter']}`", "",
+             f"Device: {meta['provenance']['device_name']} ({meta['provenance']['threads']} threads); "
+             f"torch {meta['provenance']['versions']['torch']}; commit `{meta['provenance']['git_commit']}`.",
+             f"Greedy, batch 1, at most {meta['max_new_tokens']} new tokens, fp32; configurations interleaved "
+             "prompt by prompt in one run.", "", f"Command: `{meta['provenance']['command']}`", ""]
+    for name, configs in results.items():
+        n = next(iter(configs.values()))["prompts"]
+        lines += [f"## {name} ({n} prompts)", "",
+                  "| configuration | mean accepted length | tokens/s | speedup over ar | outputs differing from ar |",
+                  "|---|---|---|---|---|"]
+        for config, r in configs.items():
+            lines.append(f"| {config} | {r['mean_accepted']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
+                         f"| {r['outputs_differing_from_ar']} |")
+        par = configs["parallel"]["position_acceptance"]
+        lines += ["", "Acceptance per block position (parallel): share of steps whose draft k was accepted.", "",
+                  "| draft k | " + " | ".join(str(k) for k in range(1, len(par) + 1)) + " |",
+                  "|---|" + "---|" * len(par),
+                  "| accepted | " + " | ".join(f"{p:.3f}" for p in par) + " |", ""]
+    return "\n".join(lines)
+
+
+def run(drafter: str, out: Path, mtbench: int, humaneval: int, max_new_tokens: int, model: str = "default") -> dict:
+    from experiments.provenance import provenance
+    from flexdraft.api import FlexDraft
+    from flexdraft.assets import humaneval_prompts, mtbench_prompts
+
+    fd = FlexDraft.load(model, "float32", drafter)
+    datasets = {}
+    if mtbench:
+        datasets["MT-bench"] = mtbench_prompts()[:mtbench]
+    if humaneval:
+        datasets["HumanEval"] = humaneval_prompts()[:humaneval]
+    results = evaluate(fd, datasets, max_new_tokens)
+    meta = {"drafter": drafter, "drafter_config": fd.drafter.config.__dict__, "max_new_tokens": max_new_tokens,
+            "provenance": provenance()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(results, meta))
+    print(out.with_suffix(".md").read_text(), file=sys.stderr)
+    return results

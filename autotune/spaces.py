@@ -20,32 +20,35 @@ MODELS = {
     "smollm2-135m": dict(hidden=576, heads=9, kv_heads=3, head_dim=64, vocab=49152, rank=256),
     "llama-3-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, vocab=128256, rank=512),
     "qwen3-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, vocab=151936, rank=512),
+    # interpreter-sized, for dry runs on a CPU
+    "tiny": dict(hidden=48, heads=4, kv_heads=2, head_dim=16, vocab=300, rank=40),
 }
 BLOCK_SIZE = 16   # masks per group (B_s)
 
 
 # ---- config spaces -----------------------------------------------------------------------------------------------
 def attention_space(rows: int, head_dim: int, quick: bool = False) -> list[dict]:
-    """rows = query tokens x query heads per kv head."""
+    """rows = query tokens x query heads per kv head. Few rows (decode) also try fixed cache splits (0 = auto)."""
+    splits = (0, 8, 32) if rows <= 16 else (0,)
     if quick:
-        grid = itertools.product((16, 64), (64, 128), (4,), (2, 3))
+        grid = itertools.product((16, 64), (64, 128), (4,), (2, 3), splits[:2])
     else:
-        grid = itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (2, 3))
+        grid = itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (2, 3), splits)
     out = []
-    for bm, bn, warps, stages in grid:
+    for bm, bn, warps, stages, num_splits in grid:
         if bm > max(16, triton.next_power_of_2(rows)):   # a tile taller than the rows only adds padding
             continue
         if head_dim >= 128 and bm * bn > 64 * 128:      # registers and shared memory
             continue
         if bm >= 128 and warps < 8:
             continue
-        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "num_splits": 0})
+        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "num_splits": num_splits})
     return out
 
 
 def draft_head_space(rows: int, quick: bool = False) -> list[dict]:
     if quick:
-        grid = itertools.product((16, 64), (128, 256), (64,), (4, 8), (3,))
+        grid = itertools.product((16, 64, 128), (128, 256), (64,), (4, 8), (3,))
     else:
         grid = itertools.product((16, 32, 64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (3, 4))
     out = []
@@ -113,6 +116,16 @@ def attention_bytes(inputs: dict) -> int:
     return (2 * visible * Hkv * D + masks + 2 * q.numel()) * q.element_size()
 
 
+def attention_flops(inputs: dict) -> int:
+    """FLOPs of the visible (query, key) pairs only: 2 * D for q.k and 2 * D for p.v per pair and query head."""
+    q = inputs["q"]
+    B, T, Hq, D = q.shape
+    pairs = int((inputs["kv_limit"] + 1).sum())
+    if inputs["k_mask"] is not None:
+        pairs += B * (T - inputs["num_clean"]) * inputs["group_size"]
+    return 4 * D * Hq * pairs
+
+
 def draft_head_inputs(rows: int, *, hidden: int, vocab: int, rank: int, dtype=torch.bfloat16, device="cuda",
                       seed: int = 0, calibrated: bool = True) -> tuple[tuple, dict]:
     """(args, kwargs) of ``draft_head`` for ``rows`` mask slots, greedy."""
@@ -121,8 +134,8 @@ def draft_head_inputs(rows: int, *, hidden: int, vocab: int, rank: int, dtype=to
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
-    calibration = (rnd(rank, 2 * hidden, scale=hidden ** -0.5), rnd(rank, scale=0.1), rnd(vocab, rank, scale=rank ** -0.5),
-                   rnd(vocab, scale=0.1)) if calibrated else None
+    calibration = (rnd(rank, 2 * hidden, scale=hidden ** -0.5), rnd(rank, scale=0.1),
+                   rnd(vocab, rank, scale=rank ** -0.5), rnd(vocab, scale=0.1)) if calibrated else None
     args = (rnd(rows, hidden), 1.0 + rnd(hidden, scale=0.1), 1e-6, rnd(vocab, hidden, scale=hidden ** -0.5),
             rnd(rows, hidden), calibration)
     return args, {}
@@ -159,33 +172,36 @@ class Problem:
     space: list[dict] = field(default_factory=list)
 
 
-def problems(kernel: str, quick: bool = False, dtype=torch.bfloat16, device="cuda") -> list[Problem]:
+def problems(kernel: str, quick: bool = False, dtype=torch.bfloat16, device="cuda", tiny: bool = False
+             ) -> list[Problem]:
+    """The sweep's problems for ``kernel``; ``tiny`` gives interpreter-sized ones (CPU dry runs)."""
     from kernels.block_attention import block_attention_launch, block_attention_reference
     from kernels.draft_head import draft_head_launch, draft_head_reference
     from kernels.verify import verify_sampling_launch, verify_sampling_reference
 
     out: dict[str, Problem] = {}
-    models = ["smollm2-135m", "qwen3-8b"]   # llama-3-8b shares qwen3's attention shapes
-    batches = (1, 64) if quick else (1, 4, 16, 64)
+    models = ["tiny"] if tiny else ["smollm2-135m", "qwen3-8b"]   # llama-3-8b shares qwen3's attention shapes
+    batches = (1, 2) if tiny else (1, 64) if quick else (1, 4, 16, 64)
+    cache_len, drafts, group = (48, 2, 4) if tiny else (1024, BLOCK_SIZE - 1, BLOCK_SIZE)
     for name in models:
         m = MODELS[name]
         if kernel == "block_attention":
             modes = ("decode", "parallel") if quick else ("decode", "sequential", "parallel")
             for mode, batch in itertools.product(modes, batches):
-                kw = dict(head_dim=m["head_dim"], heads=m["heads"], kv_heads=m["kv_heads"], cache_len=1024,
-                          dtype=dtype, device=device)
-                T = {"decode": 1, "sequential": BLOCK_SIZE, "parallel": 16 + 16 * BLOCK_SIZE}[mode]
+                kw = dict(head_dim=m["head_dim"], heads=m["heads"], kv_heads=m["kv_heads"], cache_len=cache_len,
+                          dtype=dtype, device=device, drafts=drafts, group_size=group)
+                T = {"decode": 1, "sequential": group, "parallel": (drafts + 1) * (1 + group)}[mode]
                 key = config_key(m["head_dim"], T, batch, dtype)
                 rows = T * m["heads"] // m["kv_heads"]
                 out.setdefault(key, Problem(
-                    kernel, key, f"{name} {mode} batch {batch} cache 1024",
+                    kernel, key, f"{name} {mode} batch {batch} cache {cache_len}",
                     make=lambda batch=batch, mode=mode, kw=kw: attention_inputs(batch, mode, **kw),
                     run=lambda x, cfg: block_attention_launch(**x, config=cfg),
                     reference=lambda x: block_attention_reference(**x),
-                    space=attention_space(rows, m["head_dim"], quick)))
+                    space=attention_space(rows, m["head_dim"], quick)[:3 if tiny else None]))
         elif kernel == "draft_head":
             for batch in batches:
-                rows = batch * (BLOCK_SIZE - 1)
+                rows = batch * (group - 1)
                 key = config_key(m["hidden"], rows, 1, dtype)
                 kw = dict(hidden=m["hidden"], vocab=m["vocab"], rank=m["rank"], dtype=dtype, device=device)
                 out.setdefault(key, Problem(
@@ -193,17 +209,16 @@ def problems(kernel: str, quick: bool = False, dtype=torch.bfloat16, device="cud
                     make=lambda rows=rows, kw=kw: draft_head_inputs(rows, **kw),
                     run=lambda x, cfg: draft_head_launch(*x[0], **x[1], config=cfg),
                     reference=lambda x: draft_head_reference(*x[0], **x[1]),
-                    space=draft_head_space(rows, quick)))
+                    space=draft_head_space(rows, quick)[:3 if tiny else None]))
         elif kernel == "verify_sampling":
             for batch in batches:
-                key = config_key(m["vocab"], BLOCK_SIZE, batch, torch.float32)
+                key = config_key(m["vocab"], drafts + 1, batch, torch.float32)
                 out.setdefault(key, Problem(
-                    kernel, key, f"{name} vocab, batch {batch}, 15 drafts",
-                    make=lambda batch=batch, vocab=m["vocab"]: verify_inputs(batch, BLOCK_SIZE - 1, vocab,
-                                                                             device=device),
+                    kernel, key, f"{name} vocab, batch {batch}, {drafts} drafts",
+                    make=lambda batch=batch, vocab=m["vocab"]: verify_inputs(batch, drafts, vocab, device=device),
                     run=lambda x, cfg: verify_sampling_launch(*_sampling_args(x), config=cfg),
                     reference=lambda x: verify_sampling_reference(*_sampling_args(x)),
-                    space=verify_sampling_space(quick)))
+                    space=verify_sampling_space(quick)[:3 if tiny else None]))
         else:
             raise ValueError(f"no sweep for kernel {kernel!r}")
     return list(out.values())

@@ -53,58 +53,87 @@ def run_sweep(out_path: str | Path | None = None, *, kernels=spaces.TUNED_KERNEL
         raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreter cannot time kernels; unset it to autotune")
     device = store.current_device_name()
     path = Path(out_path) if out_path is not None else store.CONFIG_DIR / f"{store.device_slug(device)}.json"
-    start = time.perf_counter()
-    entries: dict[str, dict] = {}
-    for kernel in kernels:
-        for problem in spaces.problems(kernel, quick=quick, dtype=dtype):
-            if budget_s is not None and time.perf_counter() - start > budget_s:
-                log(f"autotune: budget of {budget_s:.0f} s spent; stopping before {kernel} {problem.key}")
-                break
-            inputs = problem.make()
-            ref = problem.reference(inputs)
-            results = []
-            for cfg in problem.space:
-                try:
-                    if not outputs_match(kernel, problem.run(inputs, cfg), ref):
-                        log(f"autotune: {kernel} {problem.key} {cfg}: WRONG RESULT, dropped")
-                        continue
-                    results.append((bench_us(lambda: problem.run(inputs, cfg)), cfg))
-                except Exception as err:   # out of shared memory / registers: not a candidate here
-                    log(f"autotune: {kernel} {problem.key} {cfg}: {type(err).__name__}: {str(err)[:120]}")
-            if not results:
-                continue
-            best_us, best = min(results, key=lambda r: r[0])
-            default_us = _default_us(kernel, problem, inputs)
-            entries.setdefault(kernel, {})[problem.key] = {
-                "config": best, "us": round(best_us, 2), "default_us": round(default_us, 2),
-                "shape": problem.describe, "tried": len(results)}
-            log(f"autotune: {kernel:16s} {problem.key:28s} best {best_us:9.1f} us (default {default_us:9.1f} us) "
-                f"{best}  [{problem.describe}]")
-            del inputs, ref
+    problems = [p for kernel in kernels for p in spaces.problems(kernel, quick=quick, dtype=dtype)]
+    entries = tune(problems, bench=bench_us, budget_s=budget_s, log=log)
     store.write_store(path, entries, device=device, command=f"autotune.sweep.run_sweep(quick={quick})")
     store.clear_cache()
     log(f"autotune: wrote {path}")
     return path
 
 
-def _default_us(kernel: str, problem, inputs) -> float:
-    """Time of the fixed default config (what runs when the store has no entry)."""
+def tune(problems, *, bench=bench_us, budget_s: float | None = None, log=print) -> dict:
+    """Time each problem's space with ``bench`` (fn -> us); {kernel: {key: entry}} of the fastest correct configs."""
+    start = time.perf_counter()
+    entries: dict[str, dict] = {}
+    for problem in problems:
+        kernel = problem.kernel
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            log(f"autotune: budget of {budget_s:.0f} s spent; stopping before {kernel} {problem.key}")
+            break
+        inputs = problem.make()
+        ref = problem.reference(inputs)
+        results = []
+        for cfg in problem.space:
+            try:
+                if not outputs_match(kernel, problem.run(inputs, cfg), ref):
+                    log(f"autotune: {kernel} {problem.key} {cfg}: WRONG RESULT, dropped")
+                    continue
+                results.append((bench(lambda: problem.run(inputs, cfg)), cfg))
+            except Exception as err:   # out of shared memory / registers: not a candidate here
+                log(f"autotune: {kernel} {problem.key} {cfg}: {type(err).__name__}: {str(err)[:120]}")
+        if not results:
+            continue
+        best_us, best = min(results, key=lambda r: r[0])
+        default_us = bench(lambda: problem.run(inputs, default_config(kernel, inputs)))
+        entries.setdefault(kernel, {})[problem.key] = {
+            "config": best, "us": round(best_us, 2), "default_us": round(default_us, 2),
+            "shape": problem.describe, "tried": len(results)}
+        log(f"autotune: {kernel:16s} {problem.key:28s} best {best_us:9.1f} us (default {default_us:9.1f} us) "
+            f"{best}  [{problem.describe}]")
+        del inputs, ref
+    return entries
+
+
+def warm(kernels=spaces.TUNED_KERNELS, *, quick: bool = False, dtype: torch.dtype = torch.bfloat16,
+         log=print) -> int:
+    """Launch every config of the sweep once, untimed, so that Triton's on-disk cache holds their binaries.
+    Run it in other processes ahead of ``run_sweep`` (experiments/gpu_check.py does, beside the tests): compiling
+    is most of a sweep's time and processes compile in parallel. Returns the number of configs that failed."""
+    failed = 0
+    for kernel in kernels:
+        for problem in spaces.problems(kernel, quick=quick, dtype=dtype):
+            inputs = problem.make()
+            for cfg in problem.space:
+                try:
+                    problem.run(inputs, cfg)
+                except Exception as err:
+                    failed += 1
+                    log(f"warm: {kernel} {problem.key} {cfg}: {type(err).__name__}: {str(err)[:120]}")
+            del inputs
+    torch.cuda.synchronize()
+    return failed
+
+
+def default_config(kernel: str, inputs) -> dict:
+    """The fixed config a kernel runs when the store has no entry (what a tuned entry is compared with)."""
     from kernels import block_attention, draft_head, verify
     if kernel == "block_attention":
-        x = inputs
-        rows = x["q"].shape[1] * x["q"].shape[2] // x["k_cache"].shape[1]
-        cfg = block_attention.default_config(rows, x["q"].shape[-1])
-    elif kernel == "draft_head":
-        cfg = draft_head.default_config(inputs[0][0].shape[0])
-    else:
-        cfg = verify.default_config(inputs["target_probs"].shape[-1])
-    return bench_us(lambda: problem.run(inputs, cfg))
+        q = inputs["q"]
+        return block_attention.default_config(q.shape[1] * q.shape[2] // inputs["k_cache"].shape[1], q.shape[-1])
+    if kernel == "draft_head":
+        return draft_head.default_config(inputs[0][0].shape[0])
+    return verify.default_config(inputs["target_probs"].shape[-1])
 
 
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="autotune the FlexDraft Triton kernels on this GPU")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="store file (default autotune/configs/<device>.json)")
+    parser.add_argument("--quick", action="store_true", help="small spaces, fewer shapes")
+    parser.add_argument("--kernels", default=",".join(spaces.TUNED_KERNELS))
+    parser.add_argument("--warm", action="store_true", help="only compile every config (fills Triton's cache)")
     args = parser.parse_args()
-    run_sweep(args.out, quick=args.quick)
+    kernels = tuple(k for k in args.kernels.split(",") if k)
+    if args.warm:
+        raise SystemExit(1 if warm(kernels, quick=args.quick) else 0)
+    run_sweep(args.out, kernels=kernels, quick=args.quick)

@@ -4,9 +4,10 @@ Every module has the same shape: ``<name>_reference`` (torch, the oracle and the
 ``<name>_triton`` (the launch wrapper of the Triton kernel, same signature), and ``<name>`` (dispatch on the active
 backend, see ``kernels.backend``).
 
-Without CUDA the only way to run a Triton kernel is the interpreter, and triton reads TRITON_INTERPRET when a kernel
-is decorated, i.e. when its module is imported. So the package turns the interpreter on before any kernel module is
-imported on a machine without a GPU (an explicit TRITON_INTERPRET wins).
+Without CUDA the only way to run a Triton kernel is the interpreter, and triton reads TRITON_INTERPRET when it
+decorates a function: its own ``tl.max``/``tl.sum`` helpers when ``triton`` is first imported, ours when these modules
+are. So on a machine without a GPU the package turns the interpreter on before it imports triton (an explicit
+TRITON_INTERPRET wins); import ``kernels`` (or set TRITON_INTERPRET=1) before anything imports triton.
 """
 import os as _os
 

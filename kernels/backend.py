@@ -27,6 +27,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_device(device) -> None:
+    """Fail with a clear message where a Triton launch cannot work: CPU tensors need the interpreter, and the
+    interpreter needs TRITON_INTERPRET=1 from before triton was imported (it decorates tl.max & co. at import)."""
+    import torch
+    if torch.device(device).type != "cpu":
+        return
+    import triton.language as tl
+    if not interpreting() or type(tl.standard.max).__name__ != "InterpretedFunction":
+        raise RuntimeError("Triton kernels got CPU tensors but triton is not interpreting: set TRITON_INTERPRET=1 "
+                           "before triton is first imported (importing `kernels` first does it on a machine without "
+                           "CUDA), or use the torch backend")
+
+
 def sm_count(device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere): how many programs fill the machine."""
     import torch

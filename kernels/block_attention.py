@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from autotune.store import config_key, lookup
-from kernels.backend import sm_count
+from kernels.backend import check_device, sm_count
 
 
 def visibility(kv_limit: torch.Tensor, kv_extent: int, num_clean: int, num_masks: int, group_size: int) -> torch.Tensor:
@@ -105,8 +105,7 @@ def _block_attention_kernel(
         svm_b, svm_m, svm_h, svm_d,
         sl_b, sl_t,
         so_b, so_t, so_h, so_d,
-        num_rows, num_heads_kv, group_heads, kv_end, num_clean, num_masks, group_size, kv_per_split, num_splits,
-        qk_scale,
+        num_rows, num_heads_kv, group_heads, kv_end, num_clean, num_masks, group_size, num_splits, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_MASKS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -138,9 +137,15 @@ def _block_attention_kernel(
     k_base = K + b * sk_b + hkv * sk_h
     v_base = V + b * sv_b + hkv * sv_h
     offs_n = tl.arange(0, BLOCK_N)
-    # This split's cache range, cut at the tile's largest kv_limit: later tiles are never loaded.
-    kv_lo = split * kv_per_split
-    kv_hi = tl.minimum(kv_lo + kv_per_split, lim_max + 1)
+    # The cache range up to the tile's largest kv_limit (later tiles are never loaded), or this split's share of it:
+    # splits divide the range the tile actually sees, so ragged lengths need no host sync to be split evenly.
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(lim_max + 1, num_splits), BLOCK_N) * BLOCK_N
+        kv_lo = split * chunk
+        kv_hi = tl.minimum(kv_lo + chunk, lim_max + 1)
+    else:
+        kv_lo = 0
+        kv_hi = lim_max + 1
     # Stage 1: tiles every row sees entirely (j <= smallest kv_limit): no mask at all.
     full_end = kv_lo + tl.maximum(tl.minimum(kv_hi, lim_min + 1) - kv_lo, 0) // BLOCK_N * BLOCK_N
     for start_n in range(kv_lo, full_end, BLOCK_N):
@@ -233,12 +238,13 @@ def default_config(rows: int, head_dim: int) -> dict:
             "num_splits": 0}
 
 
-def num_cache_splits(programs: int, kv_end: int, block_n: int, device: torch.device) -> int:
-    """How many programs share one row tile's cache range so that the grid fills the GPU (1 off CUDA)."""
+def num_cache_splits(programs: int, kv_end: int, device: torch.device) -> int:
+    """How many programs share one row tile's cache range so that the grid fills the GPU (1 off CUDA).
+    ``kv_end`` (kv_extent, else the cache capacity) only caps it: the kernel splits what each tile really sees."""
     sms = sm_count(device)
     if device.type != "cuda" or programs >= sms:
         return 1
-    most = triton.cdiv(kv_end, max(block_n, 256))   # keep >= ~256 keys per split so the merge pays for itself
+    most = triton.cdiv(kv_end, 256)   # ~256 keys per split at least, so the merge pays for itself
     return max(1, min(triton.cdiv(2 * sms, programs), most, 64))
 
 
@@ -247,10 +253,14 @@ def block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
                            config: dict | None = None, out: torch.Tensor | None = None):
     """``block_attention_triton`` with an explicit launch ``config`` (the sweep and the tests use it) and an
     optional preallocated ``out`` [B, T, Hq, D]."""
+    check_device(q.device)
     B, T, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if k_cache.shape[0] != B or v_cache.shape[:3] != k_cache.shape[:3] or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache/v_cache must be [B, Hkv, S, D] with B = {B}, D = {D}; got "
+                         f"{list(k_cache.shape)} and {list(v_cache.shape)}")
     if kv_limit.shape != (B, T):
         raise ValueError(f"kv_limit must be [B, T] = {[B, T]}, got {list(kv_limit.shape)}")
     num_masks = 0 if k_mask is None else k_mask.shape[1]
@@ -263,9 +273,7 @@ def block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
     block_d = max(16, triton.next_power_of_2(D))
     kv_end = S if kv_extent is None else max(1, min(int(kv_extent), S))
     m_tiles = triton.cdiv(rows, block_m)
-    splits = cfg.get("num_splits", 0) or num_cache_splits(m_tiles * B * Hkv, kv_end, block_n, q.device)
-    kv_per_split = triton.cdiv(triton.cdiv(kv_end, splits), block_n) * block_n
-    splits = triton.cdiv(kv_end, kv_per_split)
+    splits = cfg.get("num_splits", 0) or num_cache_splits(m_tiles * B * Hkv, kv_end, q.device)
     if out is None:
         out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
     if splits > 1:
@@ -280,7 +288,7 @@ def block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
     _block_attention_kernel[(m_tiles, B * Hkv, splits)](
         q, k_cache, v_cache, km, vm, kv_limit, out, o_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *skm, *svm, *kv_limit.stride(), *out.stride(),
-        rows, Hkv, group_heads, kv_end, num_clean, num_masks, group_size, kv_per_split, splits, qk_scale,
+        rows, Hkv, group_heads, kv_end, num_clean, num_masks, group_size, splits, qk_scale,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASKS=num_masks > 0, SPLIT=splits > 1,
         IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:

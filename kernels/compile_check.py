@@ -97,7 +97,8 @@ def variants(space: bool = False):
                    dict(num_warps=cfg["num_warps"], num_stages=2))
 
 
-KERNEL_MODULES = {"_block_attention_kernel": "kernels.block_attention", "_merge_splits_kernel": "kernels.block_attention",
+KERNEL_MODULES = {"_block_attention_kernel": "kernels.block_attention",
+                  "_merge_splits_kernel": "kernels.block_attention",
                   "_norm_calibration_kernel": "kernels.draft_head", "_vocab_tile_kernel": "kernels.draft_head",
                   "_merge_vocab_kernel": "kernels.draft_head", "_verify_greedy_kernel": "kernels.verify",
                   "_verify_sampling_kernel": "kernels.verify"}

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from autotune.store import config_key, lookup
+from kernels.backend import check_device
 
 from flexdraft.sampling import SamplingParams, probabilities, sample
 
@@ -239,6 +240,7 @@ def default_config(rows: int) -> dict:
 def draft_head_launch(hidden, norm_weight, eps, lm_head, bonus_emb=None, calibration=None, *,
                       params: SamplingParams = SamplingParams(), race_noise=None, config: dict | None = None):
     """``draft_head_triton`` with an explicit launch ``config`` (the sweep and the tests use it)."""
+    check_device(hidden.device)
     lead, hid = hidden.shape[:-1], hidden.shape[-1]
     hidden = hidden.reshape(-1, hid)
     N, V = hidden.shape[0], lm_head.shape[0]

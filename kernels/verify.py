@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from autotune.store import config_key, lookup
+from kernels.backend import check_device
 
 
 def _leading_accepts(accepted: torch.Tensor, num_drafts: torch.Tensor) -> torch.Tensor:
@@ -133,8 +134,8 @@ def _verify_sampling_kernel(DRAFTS, NUM_DRAFTS, Q, P, U, NOISE, KV_LEN, TOKENS, 
     q_draft = tl.load(Q + b * sq_b + i * sq_i + safe * sq_v, mask=in_n, other=0.0)
     u = tl.load(U + b * su_b + i * su_i, mask=in_n, other=1.0)
     # accept d_i iff u * q < p (no division: q > 0 wherever the draft sampled), in the reference's dtypes
-    accepted = _as_float(_as_float(u, PROD_FP64) * _as_float(q_draft, PROD_FP64), CMP_FP64) < _as_float(p_draft,
-                                                                                                      CMP_FP64)
+    u_times_q = _as_float(u, PROD_FP64) * _as_float(q_draft, PROD_FP64)
+    accepted = _as_float(u_times_q, CMP_FP64) < _as_float(p_draft, CMP_FP64)
     num_drafts = tl.load(NUM_DRAFTS + b * snd)
     accept_len = _leading_accept_len(accepted, i, num_drafts, n, BLOCK)
     all_accepted = accept_len == num_drafts
@@ -187,6 +188,7 @@ def _outputs(draft_tokens, kv_len):
 
 def verify_greedy_triton(draft_tokens, num_drafts, target_argmax, kv_len):
     """Greedy verification, one program per sequence; equals ``verify_greedy_reference``."""
+    check_device(draft_tokens.device)
     B, n = draft_tokens.shape
     tokens, accept_len, new_kv_len = _outputs(draft_tokens, kv_len)
     _verify_greedy_kernel[(B,)](
@@ -203,6 +205,7 @@ def default_config(vocab: int) -> dict:
 def verify_sampling_launch(draft_tokens, num_drafts, draft_probs, target_probs, uniforms, race_noise, kv_len, *,
                            config: dict | None = None):
     """``verify_sampling_triton`` with an explicit launch ``config`` (the sweep and the tests use it)."""
+    check_device(draft_tokens.device)
     B, n = draft_tokens.shape
     V = target_probs.shape[-1]
     cfg = config or lookup("verify_sampling", config_key(V, n + 1, B, target_probs.dtype), default_config(V),

@@ -10,6 +10,8 @@ import torch
 if not torch.cuda.is_available():   # before triton is imported: kernels run in the interpreter on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernel_utils import DEVICE  # noqa: E402
+
 from autotune import store  # noqa: E402
 
 DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4}
@@ -122,9 +124,9 @@ def test_kernels_look_up_their_key(monkeypatch):
         return default
 
     monkeypatch.setattr(attn, "lookup", spy)
-    q = torch.randn(3, 17, 4, 16)
-    cache = torch.randn(3, 2, 40, 16)
-    attn.block_attention_triton(q, cache, cache, torch.full((3, 17), 39), num_clean=17)
+    q = torch.randn(3, 17, 4, 16, device=DEVICE)
+    cache = torch.randn(3, 2, 40, 16, device=DEVICE)
+    attn.block_attention_triton(q, cache, cache, torch.full((3, 17), 39, device=DEVICE), num_clean=17)
     assert seen == [("block_attention", "d16-t32-b4-float32")]
 
 

@@ -76,6 +76,14 @@ def test_matches_reference_low_precision(name, dtype):
     assert_close(out, block_attention_reference(**step), dtype)
 
 
+@pytest.mark.parametrize("name", ["decode-gqa3", "parallel-2-groups-of-16"])
+def test_more_splits_than_tiles(name):
+    """16 splits of ranges a few tiles long: most splits see nothing (their partial results must merge as empty)."""
+    step = make_step(name, torch.float32, seed=6)
+    out = run_poisoned(block_attention_launch, **step, config={**SMALL, "num_splits": 16})
+    assert_close(out, block_attention_reference(**step))
+
+
 @pytest.mark.parametrize("name", ["decode-gqa3", "parallel-3-groups"])
 def test_public_wrapper_default_config(name):
     step = make_step(name, torch.float32, seed=2)

@@ -29,3 +29,8 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+.PHONY: bench-regress
+# Decode-step benchmarks against this device's stored baseline (benchmarks/<device>/); --save rewrites it.
+bench-regress: $(STAMP)
+	$(PY) -m experiments.regress

@@ -44,9 +44,11 @@ class GenerationResult:
     model: str
     outputs: list[dict]
     stats: Stats = field(default_factory=Stats)
+    policy: str | None = None   # flex: where its choices came from (a measured store entry, or the default)
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "model": self.model, "outputs": self.outputs, "stats": self.stats.as_dict()}
+        out = {"mode": self.mode, "model": self.model, "outputs": self.outputs, "stats": self.stats.as_dict()}
+        return out if self.policy is None else {**out, "policy": self.policy}
 
 
 def merge_stats(total: Stats, part: Stats) -> None:
@@ -60,6 +62,8 @@ def merge_stats(total: Stats, part: Stats) -> None:
                                                      part.accept_histogram + [0] * (width - len(part.accept_histogram)))]
     for key, value in part.timings.items():
         total.timings[key] = total.timings.get(key, 0.0) + value
+    for key, value in part.mode_steps.items():
+        total.mode_steps[key] = total.mode_steps.get(key, 0) + value
 
 
 class FlexDraft:
@@ -180,7 +184,7 @@ class FlexDraft:
                 outputs.append({"prompt": (prompts[first + i] if prompts else None), "prompt_token_ids": ids,
                                 "token_ids": out, "text": self.tokenizer.decode(out, skip_special_tokens=True),
                                 "finish_reason": reason})
-        return GenerationResult(mode, self.model_name, outputs, total)
+        return GenerationResult(mode, self.model_name, outputs, total, getattr(step_mode, "source", None))
 
 
 def shipped_drafter_for(target) -> Path | None:

@@ -22,6 +22,7 @@ class Stats:
     mask_tokens: int = 0
     accept_histogram: list[int] = field(default_factory=list)   # count of steps by tokens gained (bonus included)
     timings: dict[str, float] = field(default_factory=dict)
+    mode_steps: dict[str, int] = field(default_factory=dict)     # speculative steps by mode (flex switches)
 
     @property
     def tokens_per_s(self) -> float:
@@ -37,7 +38,7 @@ class Stats:
                 "tokens_per_s": round(self.tokens_per_s, 2), "target_forwards": self.target_forwards,
                 "mean_accepted": round(self.mean_accepted, 4), "mask_tokens": self.mask_tokens,
                 "accept_histogram": self.accept_histogram,
-                "timings": {k: round(v, 4) for k, v in self.timings.items()}}
+                "timings": {k: round(v, 4) for k, v in self.timings.items()}, "mode_steps": dict(self.mode_steps)}
 
 
 class Batch:

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.cli import COMMANDS as EXPERIMENT_COMMANDS
+from experiments.cli import add_parsers as add_experiment_parsers
 from flexdraft.errors import FlexDraftError
 
 
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: answer MT-bench prompts, compare with transformers")
     demo.add_argument("--prompts", type=int, default=4)
     demo.add_argument("--max-new-tokens", type=int, default=64)
+    add_experiment_parsers(sub)  # roofline, bench, report
     return parser
 
 
@@ -129,6 +132,8 @@ def command_generate(args) -> int:
     s = result.stats
     print(f"[{result.mode}] {s.new_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_s:.1f} tokens/s, "
           f"{s.target_forwards} target forwards, mean accepted {s.mean_accepted:.2f}", file=sys.stderr)
+    if result.policy:
+        print(f"[flex] steps by mode {s.mode_steps}; policy: {result.policy}", file=sys.stderr)
     return 0
 
 
@@ -179,7 +184,7 @@ def command_demo(args) -> int:
 
 
 COMMANDS = {"generate": command_generate, "fetch": command_fetch, "demo": command_demo, "data": command_data,
-            "train": command_train}
+            "train": command_train, **EXPERIMENT_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ State between steps, per active sequence (all batched, no loops over rows):
   drafts         [B, Bs-1] drafts for the positions after the bonus, with confidence and (sampling) their q
 
 Read ``generate_speculative`` top to bottom: prefill drafts a first block, then each step verifies ``verify_len``
-drafts and obtains the next drafts, in one pass (parallel) or two (sequential).
+drafts and obtains the next drafts, in one pass (parallel) or two (sequential). Flex chooses the step per batch size
+(``experiments/crossover.py``); where speculation does not pay it may run a plain ``ar`` step, which leaves no
+drafts, and the next speculative step first runs the sequential draft pass.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from flexdraft.batch import Batch, Stats
 from flexdraft.drafter import Drafter
-from flexdraft.generate import choose_tokens, last_hidden, pad_prompts
+from flexdraft.generate import choose_tokens, decode_one_token, last_hidden, pad_prompts
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, probabilities
@@ -27,6 +29,7 @@ from kernels.verify import verify_greedy, verify_sampling
 
 VERIFY_STRATEGIES = ("cumulative_product", "min_confidence")
 MODES = ("sequential", "parallel")
+STEP_MODES = MODES + ("ar",)   # what a flex policy may choose per step
 
 
 @dataclass
@@ -63,12 +66,15 @@ def timed(stats: Stats, key: str):
     stats.timings[key] = stats.timings.get(key, 0.0) + time.perf_counter() - start
 
 
-def verify_len(confidence: torch.Tensor, spec: SpecConfig) -> torch.Tensor:
-    """How many leading drafts to verify, from their confidence; clamped to [1, Bs-1]."""
+def verify_len(confidence: torch.Tensor, spec: SpecConfig, threshold: float | None = None) -> torch.Tensor:
+    """How many leading drafts to verify, from their confidence; clamped to [1, Bs-1].
+
+    ``threshold`` (flex: the one the harness chose for this batch size) overrides ``spec.verify_threshold``."""
+    threshold = spec.verify_threshold if threshold is None else threshold
     if spec.verify_strategy == "cumulative_product":
-        passing = confidence.cumprod(dim=1) >= spec.verify_threshold
+        passing = confidence.cumprod(dim=1) >= threshold
     else:
-        passing = confidence >= spec.verify_threshold
+        passing = confidence >= threshold
     leading = passing.to(torch.int64).cumprod(dim=1).sum(dim=1)
     return leading.clamp(1, confidence.shape[1])
 
@@ -110,14 +116,17 @@ def verify(logits: torch.Tensor, drafts: Drafts, num_drafts: torch.Tensor, kv_le
 
 
 @torch.no_grad()
-def prefill_with_drafts(model, drafter, prompts, cache: KVCache, params, spec, streams, stats):
-    """Prompts through all layers plus one mask block after each; returns the first token and the first drafts."""
+def prefill_with_drafts(model, drafter, prompts, cache: KVCache, params, spec, streams, stats, drafts: bool = True):
+    """Prompts through all layers plus one mask block after each; returns the first token and the first drafts
+    (without ``drafts``: no mask block, and None)."""
     tokens, positions, lengths = pad_prompts(prompts, model.device)
-    masks = mask_block(lengths - 1, 1, drafter.block_size)
+    masks = mask_block(lengths - 1, 1, drafter.block_size) if drafts else None
     with timed(stats, "target_forward"):
         clean_hidden, mask_hidden = model(tokens, positions, cache, masks, drafter)
         bonus = choose_tokens(model.logits(last_hidden(clean_hidden, lengths)), params, streams)
     cache.lengths = lengths.clone()
+    if not drafts:
+        return bonus, None
     stats.mask_tokens += mask_hidden.shape[0] * mask_hidden.shape[1]
     with timed(stats, "draft_head"):
         drafts = next_drafts(model, drafter, mask_hidden, bonus, params, spec, streams)
@@ -154,6 +163,19 @@ def parallel_step(model, drafter, cache, bonus, drafts, num_drafts, params, spec
 
 
 @torch.no_grad()
+def draft_pass(model, drafter, cache, bonus, params, spec, streams, stats) -> Drafts:
+    """One block through the tuned layers only. The bonus has not run through the model: the block's slot 1 stands
+    at its position (``cache.lengths``) and the block sees the whole cache."""
+    masks = mask_block(cache.lengths - 1, 1, drafter.block_size)
+    empty = torch.empty(cache.lengths.shape[0], 0, dtype=torch.int64, device=cache.lengths.device)
+    with timed(stats, "draft_pass"):
+        _, mask_hidden = model(empty, empty, cache, masks, drafter)
+    stats.mask_tokens += mask_hidden.shape[0] * mask_hidden.shape[1]
+    with timed(stats, "draft_head"):
+        return next_drafts(model, drafter, mask_hidden, bonus, params, spec, streams)
+
+
+@torch.no_grad()
 def sequential_step(model, drafter, cache, bonus, drafts, num_drafts, params, spec, streams, stats):
     """A verify pass through the whole target, then a draft pass through the tuned layers only."""
     tokens, positions = clean_step_tokens(cache, bonus, drafts, num_drafts)
@@ -163,25 +185,38 @@ def sequential_step(model, drafter, cache, bonus, drafts, num_drafts, params, sp
     with timed(stats, "verify"):
         out, accept_len, cache.lengths = verify(logits, drafts, num_drafts, cache.lengths, params, streams)
         new_bonus = out.gather(1, accept_len[:, None]).squeeze(1)
-    # The new bonus has not run through the model: the block's slot 1 stands at its position and sees the cache.
-    masks = mask_block(cache.lengths - 1, 1, drafter.block_size)
-    empty = torch.empty(cache.lengths.shape[0], 0, dtype=torch.int64, device=cache.lengths.device)
-    with timed(stats, "draft_pass"):
-        _, mask_hidden = model(empty, empty, cache, masks, drafter)
-    stats.mask_tokens += mask_hidden.shape[0] * mask_hidden.shape[1]
-    with timed(stats, "draft_head"):
-        new_drafts = next_drafts(model, drafter, mask_hidden, new_bonus, params, spec, streams)
+    new_drafts = draft_pass(model, drafter, cache, new_bonus, params, spec, streams, stats)
     return out, accept_len, new_bonus, new_drafts
 
 
-STEPS = {"parallel": parallel_step, "sequential": sequential_step}
+@torch.no_grad()
+def ar_step(model, drafter, cache, bonus, drafts, num_drafts, params, spec, streams, stats):
+    """Flex's fallback where speculation does not pay: the bonus through the target, one new token, no drafts."""
+    with timed(stats, "target_forward"):
+        logits = decode_one_token(model, bonus, cache)
+    new_bonus = choose_tokens(logits, params, streams)
+    return new_bonus[:, None], torch.zeros_like(new_bonus), new_bonus, None
+
+
+STEPS = {"parallel": parallel_step, "sequential": sequential_step, "ar": ar_step}
+
+
+def step_choice(choose_mode, batch_size: int) -> tuple[str, float | None]:
+    """(mode, verify threshold or None) from a mode callable that returns either."""
+    choice = choose_mode(batch_size)
+    return choice if isinstance(choice, tuple) else (choice, None)
 
 
 @torch.no_grad()
 def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[list[int]], max_new_tokens: int,
                          params: SamplingParams, stop_ids: list[list[int]], seeds: torch.Tensor,
-                         mode="parallel", spec: SpecConfig = SpecConfig()) -> tuple[Batch, Stats]:
-    """``mode`` is "parallel", "sequential", or a callable ``(batch_size) -> mode name`` chosen each step (flex)."""
+                         mode="parallel", spec: SpecConfig = SpecConfig(), trace: list | None = None
+                         ) -> tuple[Batch, Stats]:
+    """``mode`` is "parallel", "sequential", or a callable chosen each step (flex): ``(batch_size) -> mode`` or
+    ``(batch_size) -> (mode, verify_threshold)``, mode one of ``STEP_MODES``, threshold None for ``spec``'s.
+
+    ``trace`` (a list, optional) receives one dict per step: mode, drafts' confidence [B, Bs-1], num_drafts and
+    accept_len [B] (CPU tensors; None for an ``ar`` step). The roofline harness reads acceptance profiles from it."""
     choose_mode = mode if callable(mode) else (lambda _batch_size: mode)
     device = model.device
     block = drafter.block_size
@@ -190,7 +225,10 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     stats = Stats(accept_histogram=[0] * (block + 1))
     start = time.perf_counter()
     cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + block + 1)
-    bonus, drafts = prefill_with_drafts(model, drafter, prompts, cache, params, spec, streams, stats)
+    # A flex policy that starts with ar steps gets no drafts until a speculative step needs them.
+    first_mode, _ = step_choice(choose_mode, batch.size)
+    bonus, drafts = prefill_with_drafts(model, drafter, prompts, cache, params, spec, streams, stats,
+                                        drafts=first_mode != "ar")
     stats.target_forwards += 1
     stats.row_forwards += batch.size
     stats.accept_histogram[1] += batch.size
@@ -203,12 +241,22 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             # Finished sequences leave the batch's work.
             cache.keep(stay)
             streams.keep(stay)
-            bonus, drafts = bonus[stay], drafts.keep(stay)
-        room = batch.max_new_tokens - batch.generated[batch.rows]
-        num_drafts = torch.minimum(verify_len(drafts.confidence, spec), (room - 1).clamp(min=1))
-        step = STEPS[choose_mode(batch.size)]
-        out, accept_len, bonus, drafts = step(model, drafter, cache, bonus, drafts, num_drafts, params, spec,
-                                              streams, stats)
+            bonus, drafts = bonus[stay], (None if drafts is None else drafts.keep(stay))
+        step_mode, threshold = step_choice(choose_mode, batch.size)
+        num_drafts = None
+        if step_mode != "ar":
+            if drafts is None:  # ar steps so far
+                drafts = draft_pass(model, drafter, cache, bonus, params, spec, streams, stats)
+            room = batch.max_new_tokens - batch.generated[batch.rows]
+            num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
+        if trace is not None:
+            trace.append({"mode": step_mode, "confidence": None if drafts is None else drafts.confidence.cpu(),
+                          "num_drafts": None if num_drafts is None else num_drafts.cpu()})
+        out, accept_len, bonus, drafts = STEPS[step_mode](model, drafter, cache, bonus, drafts, num_drafts, params,
+                                                          spec, streams, stats)
+        if trace is not None:
+            trace[-1]["accept_len"] = accept_len.cpu()
+        stats.mode_steps[step_mode] = stats.mode_steps.get(step_mode, 0) + 1
         gained = accept_len + 1
         stats.target_forwards += 1
         stats.row_forwards += batch.size

@@ -14,7 +14,30 @@ from flexdraft.speculative import SpecConfig, generate_speculative, verify_len
 from helpers import random_prompts, tiny_target
 from kernels.verify import verify_sampling_reference
 
-MODES = ["parallel", "sequential"]
+MODES = ["parallel", "sequential", "flex", "flex-ar-first"]
+
+# Synthetic flex policies: a new mode (ar included) and threshold every step, whatever the batch size. The first
+# choice is made before prefill: "flex-ar-first" prefills without drafts, and its first speculative step drafts.
+FLEX_CYCLES = {
+    "flex": [("parallel", 0.0), ("parallel", 0.0), ("ar", None), ("sequential", 0.3), ("ar", None), ("ar", None),
+             ("parallel", None), ("sequential", 0.0)],
+    "flex-ar-first": [("ar", None), ("parallel", 0.0), ("ar", None), ("sequential", 0.3), ("parallel", None),
+                      ("ar", None), ("sequential", 0.0)],
+}
+
+
+class SwitchingPolicy:
+    def __init__(self, cycle):
+        self.cycle, self.calls = cycle, 0
+
+    def __call__(self, batch_size):
+        self.calls += 1
+        return self.cycle[(self.calls - 1) % len(self.cycle)]
+
+
+def step_mode(mode):
+    """What generate_speculative takes for a test's mode name (flex: a fresh switching policy)."""
+    return SwitchingPolicy(FLEX_CYCLES[mode]) if mode in FLEX_CYCLES else mode
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +60,7 @@ def test_greedy_is_identical_to_autoregressive(target, mode, batch_size):
     drafter = Drafter.initialise(target, num_tuned_layers=2, block_size=6, seed=batch_size)
     expected, _ = generate_ar(target, prompts, 18, SamplingParams(), stop_ids, torch.arange(batch_size))
     got, stats = generate_speculative(target, drafter, prompts, 18, SamplingParams(), stop_ids,
-                                      torch.arange(batch_size), mode, SpecConfig(verify_threshold=0.0))
+                                      torch.arange(batch_size), step_mode(mode), SpecConfig(verify_threshold=0.0))
     assert got.results() == expected.results()
     assert expected.results()[1][0] == "stop"
     assert stats.new_tokens == sum(len(t) for t in expected.results()[0])
@@ -48,7 +71,7 @@ def test_parallel_and_sequential_draft_the_same_tokens(target):
     prompts = random_prompts(target.config.vocab_size, [4, 9, 2], seed=7)
     drafter = Drafter.initialise(target, num_tuned_layers=3, block_size=5, seed=1)
     runs = [generate_speculative(target, drafter, prompts, 24, SamplingParams(), [[-1]] * 3, torch.arange(3), m,
-                                 SpecConfig(verify_threshold=0.0)) for m in MODES]
+                                 SpecConfig(verify_threshold=0.0)) for m in ("parallel", "sequential")]
     assert runs[0][1].accept_histogram == runs[1][1].accept_histogram
     assert runs[0][1].mask_tokens > runs[1][1].mask_tokens  # parallel pays for v + 1 groups
 
@@ -138,7 +161,7 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
             batch, _ = generate_ar(model, [prompt] * n, CONTINUATION, PARAMS, [[-1]] * n, seeds)
         else:
             batch, stats = generate_speculative(model, drafter, [prompt] * n, CONTINUATION, PARAMS, [[-1]] * n,
-                                                seeds, mode, SpecConfig(verify_threshold=0.0))
+                                                seeds, step_mode(mode), SpecConfig(verify_threshold=0.0))
             assert stats.mean_accepted > 1.0  # drafts were accepted, so the accept/reject paths both ran
         distances.append(tv(empirical(batch), exact))
         assert distances[-1] < 1.5 * expected_tv_bound(exact, n), (n, distances)
@@ -163,5 +186,6 @@ def test_property_greedy_lossless(family, layers, tuned, block, threshold, strat
     stops = [[seed % model.config.vocab_size]] * len(prompts)
     expected, _ = generate_ar(model, prompts, max_new, SamplingParams(), stops, torch.arange(len(prompts)))
     got, _ = generate_speculative(model, drafter, prompts, max_new, SamplingParams(), stops,
-                                  torch.arange(len(prompts)), mode, SpecConfig(threshold, strategy, calibration))
+                                  torch.arange(len(prompts)), step_mode(mode),
+                                  SpecConfig(threshold, strategy, calibration))
     assert got.results() == expected.results()

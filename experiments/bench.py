@@ -1,0 +1,181 @@
+"""The batch-sweep benchmark, ``flexdraft bench``: every configuration at every batch size, measured in one run with
+interleaved repetitions; a JSON of every measurement with its provenance, and medians.
+
+Configurations: our ``ar``, ``sequential``, ``parallel`` and ``flex``; transformers ``generate`` (``hf``, greedy) and
+transformers prompt-lookup decoding (``hf-lookup``, greedy, batch 1 only). A measurement at batch size b generates
+for ``max(prompts, b)`` prompts (rounded up to whole batches) in batches of b. MT-bench prompts go through the chat
+template; HumanEval prompts are code to complete, given raw. Repetitions are interleaved: within a (setting, data
+set, batch size) cell each repetition runs every configuration once, in an order rotated per repetition, so the
+configurations compared are measured side by side.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from experiments.provenance import provenance
+
+CONFIGS = ("ar", "sequential", "parallel", "flex", "hf", "hf-lookup")
+OUR_MODES = ("ar", "sequential", "parallel", "flex")
+SETTINGS = {"greedy": {"temperature": 0.0, "top_p": 1.0}, "sample": {"temperature": 0.8, "top_p": 0.95}}
+DATASETS = ("mtbench", "humaneval")
+
+
+@dataclass
+class BenchConfig:
+    configs: tuple[str, ...] = CONFIGS
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    datasets: tuple[str, ...] = DATASETS
+    settings: tuple[str, ...] = tuple(SETTINGS)
+    prompts: int = 16
+    max_new_tokens: int = 128
+    repeats: int = 3
+    verify_threshold: float = 0.01
+    seed: int = 0
+    extra: dict = field(default_factory=dict)   # recorded as is (model, dtype, drafter, backend)
+
+
+# Short enough for `make demo` on a 2-core CPU (a few minutes), long enough for the crossover to show.
+SHORT = dict(configs=("ar", "sequential", "parallel", "flex", "hf"), batch_sizes=(1, 4, 16), datasets=("mtbench",),
+             settings=("greedy",), prompts=8, max_new_tokens=32, repeats=2)
+
+
+def dataset_prompts(name: str) -> tuple[list[str], bool]:
+    """(prompts, raw): MT-bench first turns (chat template) or HumanEval stubs (raw completion)."""
+    from flexdraft.assets import humaneval_prompts, mtbench_prompts
+
+    if name == "mtbench":
+        return mtbench_prompts(), False
+    if name == "humaneval":
+        return humaneval_prompts(), True
+    raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def held_out_prompts(fd, count: int) -> list[list[int]]:
+    """Token ids of prompts from the end of each evaluation set: the bench takes its prompts from the start."""
+    ids = []
+    for i, name in enumerate(DATASETS):
+        prompts, raw = dataset_prompts(name)
+        take = count // len(DATASETS) + (1 if i < count % len(DATASETS) else 0)
+        ids += fd.encode(prompts[len(prompts) - take:], raw=raw) if take else []
+    return ids
+
+
+def batch_prompts(ids: list[list[int]], batch: int, count: int) -> list[list[int]]:
+    """``max(count, batch)`` prompts rounded up to whole batches, taken in order (cycling only past the data set)."""
+    n = -(-max(count, batch) // batch) * batch
+    return [ids[i % len(ids)] for i in range(n)]
+
+
+def applicable(config: str, batch: int, setting: str) -> bool:
+    if config in ("hf", "hf-lookup") and setting != "greedy":
+        return False      # transformers baselines: greedy only (their sampling is not the same distribution code)
+    return config != "hf-lookup" or batch == 1
+
+
+def run_one(config: str, fd, hf, ids: list[list[int]], batch: int, setting: str, cfg: BenchConfig) -> dict:
+    """One measurement: tokens, seconds and (our modes) the engine's statistics."""
+    if config in OUR_MODES:
+        result = fd.generate(prompt_ids=ids, mode=config, max_new_tokens=cfg.max_new_tokens, batch_size=batch,
+                             seed=cfg.seed, verify_threshold=cfg.verify_threshold, **SETTINGS[setting])
+        s = result.stats
+        return {"new_tokens": s.new_tokens, "seconds": s.seconds, "tokens_per_s": s.tokens_per_s,
+                "mean_accepted": s.mean_accepted, "accept_histogram": s.accept_histogram,
+                "mode_steps": dict(s.mode_steps), "target_forwards": s.target_forwards,
+                "mean_batch": s.row_forwards / s.target_forwards if s.target_forwards else 0.0,
+                "policy": result.policy}
+    from flexdraft.baselines import hf_generate
+
+    pad = fd.tokenizer.pad_token_id if fd.tokenizer.pad_token_id is not None else fd.stop_ids()[0]
+    outputs, seconds = hf_generate(hf, ids, cfg.max_new_tokens, fd.stop_ids(), batch_size=batch, pad_id=pad,
+                                   prompt_lookup=config == "hf-lookup")
+    tokens = sum(map(len, outputs))
+    return {"new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0}
+
+
+def summarise(measurements: list[dict]) -> list[dict]:
+    """Per (setting, data set, batch size, configuration): medians, and the median of per-repetition ratios to our
+    ``ar`` (measured side by side)."""
+    cells: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for m in measurements:
+        key = (m["setting"], m["dataset"], m["batch_size"])
+        cells.setdefault(key, {}).setdefault(m["config"], {})[m["repeat"]] = m
+    rows = []
+    for (setting, dataset, batch), by_config in cells.items():
+        ar = by_config.get("ar", {})
+        for config, reps in by_config.items():
+            rates = [r["tokens_per_s"] for r in reps.values()]
+            ratios = [r["tokens_per_s"] / ar[k]["tokens_per_s"] for k, r in reps.items()
+                      if k in ar and ar[k]["tokens_per_s"] > 0]
+            accepted = [r["mean_accepted"] for r in reps.values() if "mean_accepted" in r]
+            rows.append({"setting": setting, "dataset": dataset, "batch_size": batch, "config": config,
+                         "repeats": len(rates), "tokens_per_s": statistics.median(rates),
+                         "speedup_vs_ar": statistics.median(ratios) if ratios else None,
+                         "mean_accepted": statistics.median(accepted) if accepted else None})
+    return rows
+
+
+def run_bench(fd, hf, cfg: BenchConfig, out: Path | None = None, log=lambda message: None) -> dict:
+    """Every applicable (setting, data set, batch size, repetition, configuration); written to ``out`` after each
+    cell, so a run cut short keeps what it measured."""
+    result = {"schema": 1, "kind": "flexdraft-bench", "provenance": provenance(fd.model.device),
+              "config": asdict(cfg), "measurements": [], "summary": []}
+    encoded = {}
+    for name in cfg.datasets:
+        prompts, raw = dataset_prompts(name)
+        encoded[name] = fd.encode(prompts[:max(cfg.prompts, max(cfg.batch_sizes))], raw=raw)
+    warm = encoded[cfg.datasets[0]][:1]
+    for config in cfg.configs:                  # first calls build tables and caches that steady state reuses
+        if applicable(config, 1, "greedy"):
+            run_one(config, fd, hf, warm, 1, "greedy", BenchConfig(max_new_tokens=4))
+    for setting in cfg.settings:
+        for name in cfg.datasets:
+            for batch in cfg.batch_sizes:
+                ids = batch_prompts(encoded[name], batch, cfg.prompts)
+                configs = [c for c in cfg.configs if applicable(c, batch, setting)]
+                for rep in range(cfg.repeats):
+                    shift = rep % len(configs)
+                    for config in configs[shift:] + configs[:shift]:
+                        m = run_one(config, fd, hf, ids, batch, setting, cfg)
+                        result["measurements"].append({"config": config, "setting": setting, "dataset": name,
+                                                       "batch_size": batch, "repeat": rep, "prompts": len(ids),
+                                                       "prompt_tokens": statistics.mean(map(len, ids)), **m})
+                        log(f"{setting:7s} {name:9s} b{batch:<3d} rep {rep} {config:10s} "
+                            f"{m['tokens_per_s']:8.1f} tokens/s")
+                result["summary"] = summarise(result["measurements"])
+                if out is not None:
+                    write_json(out, result)
+    return result
+
+
+def write_json(path: Path, data: dict) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def table(summary: list[dict], value: str = "tokens_per_s") -> str:
+    """Plain-text tables of one summary value: a row per batch size, a column per configuration."""
+    lines = []
+    for setting, dataset in dict.fromkeys((r["setting"], r["dataset"]) for r in summary):
+        rows = [r for r in summary if r["setting"] == setting and r["dataset"] == dataset]
+        configs = [c for c in CONFIGS if any(r["config"] == c for r in rows)]
+        lines.append(f"{value} ({setting}, {dataset}), median")
+        lines.append(f"{'batch':>6}" + "".join(f"{c:>11}" for c in configs))
+        for b in sorted({r["batch_size"] for r in rows}):
+            cells = {r["config"]: r[value] for r in rows if r["batch_size"] == b}
+            lines.append(f"{b:>6}" + "".join(f"{cells[c]:>11.2f}" if cells.get(c) is not None else f"{'-':>11}"
+                                              for c in configs))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def print_summary(result: dict, file=sys.stdout) -> None:
+    print(table(result["summary"]), file=file)
+    print(table(result["summary"], "speedup_vs_ar"), file=file)

@@ -1,0 +1,268 @@
+"""From measured step costs and the drafter's acceptance profile to Flex Decoding's choices on this device.
+
+- ``measure_acceptance`` runs the engine on held-out prompts verifying every draft (threshold 0) and keeps, per
+  sequence and step, the drafts' confidences and how many were accepted (``acceptance_from_stats`` takes a stats
+  JSON's histogram instead: no confidences, so no threshold can be tuned from it).
+- ``predict_decode`` combines them with the cost table into tokens per step, seconds per step and tokens/s of
+  ``ar``, ``sequential`` and ``parallel`` at a batch size and verification threshold. A step verifies the batch's
+  longest verify length, so the step cost uses the maximum over the batch's rows (drawn from the profile).
+- ``crossover`` picks, per batch size, the best threshold of each mode and the best mode; the crossover batch is
+  the first where sequential beats parallel.
+- The result lives in ``experiments/store/<device-slug>.json`` under a key naming the target, its dtype and the
+  drafter, with the measurements behind it and their provenance. ``flex_policy`` reads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.provenance import REPO, current_slug, provenance
+from experiments.roofline import STEP_OPS, CostTable
+
+SCHEMA = 1
+STORE_DIR = Path(__file__).resolve().parent / "store"
+STORE_ENV = "FLEXDRAFT_FLEX_STORE"     # a store file to use instead of the per-device default
+THRESHOLDS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+STRATEGY = "cumulative_product"
+SPEC_MODES = ("parallel", "sequential")
+
+
+# ---- the acceptance profile ----------------------------------------------------------------------------------------
+def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                       batch_size: int = 8, source: str = "") -> dict:
+    """Greedy decoding that verifies every draft; one row per sequence and step with all B_s - 1 drafts verified."""
+    from flexdraft.sampling import SamplingParams
+    from flexdraft.speculative import SpecConfig, generate_speculative
+
+    trace = []
+    for first in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[first: first + batch_size]
+        # Sequential and parallel steps draft the same tokens; sequential is the cheaper way to verify all of them.
+        generate_speculative(model, drafter, chunk, max_new_tokens, SamplingParams(), [stop_ids] * len(chunk),
+                             torch.arange(len(chunk)), "sequential", SpecConfig(verify_threshold=0.0), trace=trace)
+    full = drafter.block_size - 1
+    accepted, confidence = [], []
+    for step in trace:
+        keep = step["num_drafts"] == full        # rows near max_new_tokens verify fewer: their acceptance is censored
+        accepted += step["accept_len"][keep].tolist()
+        confidence += step["confidence"][keep].float().round(decimals=4).tolist()
+    return {"block_size": drafter.block_size, "accepted": accepted, "confidence": confidence,
+            "source": source or f"engine, greedy, {len(prompt_ids)} prompts, {max_new_tokens} new tokens"}
+
+
+def acceptance_from_stats(stats: dict, block_size: int, source: str) -> dict:
+    """A profile from a stats JSON's ``accept_histogram`` (tokens gained per sequence and step, bonus included)."""
+    accepted = [gained - 1 for gained, count in enumerate(stats["accept_histogram"]) if gained >= 1
+                for _ in range(count)]
+    return {"block_size": block_size, "accepted": accepted, "confidence": None, "source": source}
+
+
+def acceptance_curve(profile: dict) -> list[float]:
+    """Mean accepted drafts when verifying v drafts, v = 1 .. B_s - 1 (greedy: min(accepted of all, v))."""
+    a = np.asarray(profile["accepted"])
+    return [float(np.minimum(a, v).mean()) if a.size else 0.0 for v in range(1, profile["block_size"])]
+
+
+# ---- prediction ------------------------------------------------------------------------------------------------------
+def step_seconds(costs: CostTable, mode: str, batch: int, clean_tokens: int, context: float) -> float:
+    """One decode step of ``mode``, ``clean_tokens`` = the batch's longest verify length + 1: the engine's step
+    and the loop's bookkeeping."""
+    return costs.time(STEP_OPS[mode], batch, clean_tokens, context) + costs.time("loop", batch, clean_tokens)
+
+
+def verify_lengths(profile: dict, threshold: float | None, strategy: str = STRATEGY) -> np.ndarray:
+    from flexdraft.speculative import SpecConfig, verify_len
+
+    full = profile["block_size"] - 1
+    if profile["confidence"] is None or threshold is None:
+        return np.full(len(profile["accepted"]), full)
+    conf = torch.tensor(profile["confidence"], dtype=torch.float32).reshape(-1, full)
+    return verify_len(conf, SpecConfig(threshold, strategy)).numpy()
+
+
+def predict_decode(costs: CostTable, profile: dict, mode: str, batch: int, threshold: float | None = None,
+                   context: float = 256, strategy: str = STRATEGY, samples: int = 400, seed: int = 0) -> dict:
+    """Steady-state decoding at a constant batch: tokens per step, seconds per step and tokens/s."""
+    if mode == "ar":
+        step = step_seconds(costs, "ar", batch, 1, context)
+        return {"tokens_per_step": float(batch), "step_s": step, "tokens_per_s": batch / step, "verify_len": 0.0}
+    accepted = np.asarray(profile["accepted"])
+    if accepted.size == 0:
+        raise ValueError("the acceptance profile is empty: measure it on more prompts or more new tokens")
+    v = verify_lengths(profile, threshold, strategy)
+    rows = np.random.default_rng(seed).integers(0, accepted.size, (samples, batch))
+    verified = v[rows]
+    gained = (1 + np.minimum(accepted[rows], verified)).sum(axis=1)
+    longest = verified.max(axis=1)
+    by_len = {int(n): step_seconds(costs, mode, batch, int(n) + 1, context) for n in np.unique(longest)}
+    step = float(np.mean([by_len[int(n)] for n in longest]))
+    return {"tokens_per_step": float(gained.mean()), "step_s": step, "tokens_per_s": float(gained.mean()) / step,
+            "verify_len": float(verified.mean())}
+
+
+def predict_run(costs: CostTable, profile: dict, mode: str, batch: int, threshold: float | None,
+                prompt_len: float, new_tokens: float, strategy: str = STRATEGY) -> float:
+    """End-to-end tokens/s of ``batch`` prompts of ``prompt_len`` tokens, ``new_tokens`` each: prefill + decode."""
+    block = profile["block_size"]
+    context = prompt_len + new_tokens / 2
+    p0 = next(iter(costs.points["prefill"]))[1]                       # the prompt length the harness measured
+    prefill = costs.time("prefill", batch, p0) * prompt_len / p0     # compute-bound: linear in prompt tokens
+    if mode != "ar":   # the speculative prefill also drafts a first block
+        prefill += costs.time("draft", batch, block, prompt_len) + costs.time("head", batch, block - 1)
+    decode = predict_decode(costs, profile, mode, batch, threshold, context, strategy)
+    return batch * new_tokens / (prefill + batch * max(new_tokens - 1, 0) / decode["tokens_per_s"])
+
+
+def crossover(costs: CostTable, profile: dict, batches, context: float, strategy: str = STRATEGY,
+              thresholds=THRESHOLDS) -> dict:
+    """Per batch size: every mode's prediction at its best threshold, and the choice; the crossover batch."""
+    if profile["confidence"] is None:
+        thresholds = (None,)
+    by_batch = {}
+    for b in batches:
+        row = {"ar": predict_decode(costs, profile, "ar", b, None, context, strategy)}
+        for mode in SPEC_MODES:
+            row[mode] = max(({**predict_decode(costs, profile, mode, b, t, context, strategy), "verify_threshold": t}
+                             for t in thresholds), key=lambda p: p["tokens_per_s"])
+        choice = max(("ar",) + SPEC_MODES, key=lambda m: row[m]["tokens_per_s"])
+        row["choice"] = {"mode": choice, "verify_threshold": row[choice].get("verify_threshold")}
+        by_batch[int(b)] = row
+    crossing = next((b for b in sorted(by_batch)
+                     if by_batch[b]["sequential"]["tokens_per_s"] >= by_batch[b]["parallel"]["tokens_per_s"]), None)
+    return {"context": context, "strategy": strategy, "crossover_batch": crossing, "by_batch": by_batch}
+
+
+# ---- the per-device store --------------------------------------------------------------------------------------------
+def store_file(slug: str | None = None) -> Path:
+    """$FLEXDRAFT_FLEX_STORE when set, else ``experiments/store/<slug>.json`` (default: this machine's CPU)."""
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV])
+    return STORE_DIR / f"{slug or current_slug()}.json"
+
+
+def fingerprint(tensors) -> str:
+    h = hashlib.sha256()
+    for tensor in tensors:
+        sample = tensor.detach().flatten()[:: max(1, tensor.numel() // 4096)].float().cpu()
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def entry_key(model, drafter) -> str:
+    """Names what a store entry was measured with: the target's weights and dtype, the drafter's shape and weights."""
+    from flexdraft.model import model_identity
+
+    target = model_identity(model)
+    dtype = str(model.dtype).removeprefix("torch.")
+    tuned = model.config.num_layers - drafter.split_layer
+    weights = fingerprint(t for _, t in sorted(drafter.state_dict().items()))
+    return (f"{target['model_type']}-{target['num_layers']}L-{target['weights_sha']}-{dtype}"
+            f"/drafter-{tuned}L-b{drafter.block_size}-{weights}")
+
+
+def read_store(path: Path) -> dict:
+    """The store at ``path``; {} when absent, or (with a warning) when malformed or of another schema."""
+    if not path.is_file():
+        return {}
+    try:
+        store = json.loads(path.read_text())
+        if store.get("schema") != SCHEMA or not isinstance(store.get("entries"), dict):
+            raise ValueError(f"not a flex store of schema {SCHEMA}")
+        return store
+    except (ValueError, OSError) as exc:
+        warnings.warn(f"ignoring flex store {path}: {exc}")
+        return {}
+
+
+def write_entry(path: Path, key: str, entry: dict) -> Path:
+    """Add or replace one entry; the others stay."""
+    store = read_store(path) or {"schema": SCHEMA, "device": entry["provenance"]["device"],
+                                 "device_name": entry["provenance"]["device_name"], "entries": {}}
+    store["entries"][key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def build_entry(costs_rows: list[dict], ceilings: dict, profile: dict, shape: dict, context: float,
+                strategy: str = STRATEGY, command: str | None = None, device="cpu", extra: dict | None = None) -> dict:
+    """A store entry: measurements, the prediction at the measured batch sizes, and the policy for every batch size
+    up to the largest measured (beyond it, the largest's choice applies)."""
+    costs = CostTable.from_rows(costs_rows)
+    measured = sorted({r["batch"] for r in costs_rows})
+    prediction = crossover(costs, profile, measured, context, strategy)
+    policy = crossover(costs, profile, range(1, measured[-1] + 1), context, strategy)
+    return {"provenance": provenance(device, command), "shape": shape, "ceilings": ceilings, "costs": costs_rows,
+            "acceptance": profile, "acceptance_curve": acceptance_curve(profile), "prediction": prediction,
+            "policy": {"crossover_batch": policy["crossover_batch"], "strategy": strategy, "context": context,
+                       "choices": {str(b): row["choice"] for b, row in policy["by_batch"].items()}},
+            **(extra or {})}
+
+
+# ---- what --mode flex reads ------------------------------------------------------------------------------------------
+@dataclass
+class FlexPolicy:
+    """Flex Decoding's choice per batch size: ``policy(batch_size) -> (mode, verify_threshold)``.
+
+    mode is "parallel", "sequential" or "ar" (where the prediction says speculation does not pay); a threshold of
+    None keeps the caller's ``--verify-threshold``. Between listed batch sizes the largest listed one below applies.
+    ``source`` says where the choices came from: a measured store entry, or the conservative default.
+    """
+    choices: dict[int, tuple[str, float | None]]
+    source: str
+
+    def __call__(self, batch_size: int) -> tuple[str, float | None]:
+        sizes = sorted(self.choices)
+        below = [s for s in sizes if s <= batch_size]
+        return self.choices[below[-1] if below else sizes[0]]
+
+    def describe(self) -> str:
+        """'parallel b1 (tau 0.01), sequential b2+': runs of equal choices over batch sizes."""
+        runs = []
+        for b in sorted(self.choices):
+            if not runs or runs[-1][1] != self.choices[b]:
+                runs.append((b, self.choices[b]))
+        out = []
+        for i, (first, (mode, tau)) in enumerate(runs):
+            last = runs[i + 1][0] - 1 if i + 1 < len(runs) else None
+            span = f"b{first}+" if last is None else (f"b{first}" if last == first else f"b{first}-{last}")
+            out.append(f"{mode} {span}" + ("" if tau is None else f" (tau {tau:g})"))
+        return ", ".join(out)
+
+
+def default_policy(reason: str) -> FlexPolicy:
+    """Without measurements: parallel at batch 1 only, where its extra mask tokens are nearly free on any device;
+    sequential above, whose cost grows gracefully with the batch; the caller's verification threshold."""
+    return FlexPolicy({1: ("parallel", None), 2: ("sequential", None)},
+                      f"conservative default (parallel at batch 1, sequential above): {reason}")
+
+
+def policy_from_entry(entry: dict, source: str) -> FlexPolicy:
+    choices = {int(b): (c["mode"], c["verify_threshold"]) for b, c in entry["policy"]["choices"].items()}
+    return FlexPolicy(choices, source)
+
+
+def flex_policy(model, drafter, path: str | Path | None = None) -> FlexPolicy:
+    """The policy measured on this device for this target, dtype and drafter (``flexdraft roofline``), else the
+    conservative default; ``policy.source`` says which, and why."""
+    path = Path(path) if path is not None else store_file(current_slug(model.device))
+    shown = os.path.relpath(path, REPO) if path.is_absolute() and REPO in path.parents else str(path)
+    store = read_store(path)
+    if not store:
+        return default_policy(f"no flex store at {shown}; run `flexdraft roofline` to measure this device")
+    key = entry_key(model, drafter)
+    entry = store["entries"].get(key)
+    if entry is None:
+        return default_policy(f"{shown} has no entry for {key}; run `flexdraft roofline` with this model, dtype "
+                              "and drafter")
+    created = entry["provenance"].get("created", "?")
+    return policy_from_entry(entry, f"measured: {shown} [{key}], {created}")

@@ -1,0 +1,353 @@
+"""The roofline harness: T(batch, query tokens per sequence, context) of every pass a decode step runs, through our
+runtime with the active kernels backend, each point set against the device's floors.
+
+Ops (``tokens`` is query tokens per sequence, the clean tokens of a step: the verify length + 1):
+  target           the target forward: ``tokens`` clean tokens through all layers and lm_head on them
+  draft            the drafter's tuned-layer pass: one block of B_s masks per sequence (the sequential draft pass)
+  head             the calibrated draft head over B_s - 1 slots per sequence
+  prefill          ``tokens`` prompt tokens through all layers, lm_head on the last
+  step_ar          the engine's ar step (flex's fallback): one token through the target, chosen
+  step_sequential  the engine's sequential step: verify pass, greedy verification, draft pass, draft head
+  step_parallel    the engine's parallel step: ``tokens`` clean tokens beside ``tokens`` mask groups of B_s masks
+                   in the tuned layers, greedy verification, draft head
+  loop             the decode loop's bookkeeping per step (outputs, stops, verify lengths, histogram)
+The step ops call the engine's own step functions, so a prediction built on them misses only what ``loop`` times.
+
+Floors: bytes moved over the measured bandwidth (a large copy), FLOPs over the measured peak (a large GEMM).
+``work`` is the bytes and FLOPs model: weights read once per pass, K/V read once per sequence, useful FLOPs only.
+Repetitions are interleaved over all points (one pass over every point per repetition); a point's time is the median.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from flexdraft.batch import Batch
+from flexdraft.rng import Streams
+from flexdraft.sampling import SamplingParams
+from flexdraft.speculative import Drafts, SpecConfig, mask_block, next_drafts, verify_len
+
+OPS = ("target", "draft", "head", "prefill", "step_ar", "step_sequential", "step_parallel", "loop")
+STEP_OPS = {"ar": "step_ar", "sequential": "step_sequential", "parallel": "step_parallel"}
+
+
+@dataclass
+class Grid:
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    tokens: tuple[int, ...] = (1, 2, 4, 8, 16)      # capped at the drafter's block size, which is always included
+    contexts: tuple[int, ...] = (256,)
+    prompt_len: int = 128
+    repeats: int = 3
+    min_sample_s: float = 0.03                      # calls per sample are repeated up to this long
+    # Points whose token-equivalents (batch x tokens, masks weighted by the share of layers they run) exceed this are
+    # left out, except the two smallest along the axis the cost table extrapolates (tokens; batch for prefill).
+    max_call_tokens: int | None = 256
+
+
+QUICK = Grid(batches=(1, 2, 4), tokens=(1, 2, 4), contexts=(32,), prompt_len=16, repeats=3, min_sample_s=0.005,
+             max_call_tokens=None)
+
+
+# ---- the bytes and FLOPs model -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    tuned: int
+    block: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rank: int
+    itemsize: int
+
+    @classmethod
+    def of(cls, model, drafter) -> "Shape":
+        c = model.config
+        return cls(c.num_layers, c.num_layers - drafter.split_layer, drafter.block_size, c.hidden_size,
+                   c.intermediate_size, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                   drafter.config.calibration_rank, model.dtype.itemsize)
+
+    @property
+    def attn_params(self) -> int:
+        return self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        return self.attn_params + 3 * self.hidden * self.intermediate
+
+    @property
+    def head_params(self) -> int:
+        return self.vocab * self.hidden + 2 * self.hidden * self.rank + self.rank * self.vocab
+
+    def attention_flops(self, queries: float, keys: float) -> float:
+        return 4.0 * self.heads * self.head_dim * queries * keys     # QK^T and PV, one layer
+
+    def kv_bytes(self, layers: int, positions: float) -> float:
+        return layers * 2.0 * self.kv_heads * self.head_dim * self.itemsize * positions
+
+
+def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one call of ``op``."""
+    lm = s.vocab * s.hidden
+    if op.startswith("step_") or op == "loop":
+        parts = {"step_ar": [("target", 1)], "loop": [],
+                 "step_sequential": [("target", tokens), ("draft", s.block), ("head", s.block - 1), ("verify", tokens)],
+                 "step_parallel": [("parallel", tokens), ("head", s.block - 1), ("verify", tokens)]}[op]
+        totals = [work(part, s, batch, q, context) for part, q in parts]
+        return float(sum(f for f, _ in totals)), float(sum(b for _, b in totals))
+    if op in ("target", "parallel"):
+        t = batch * tokens
+        flops = 2.0 * t * (s.layers * s.layer_params + lm) + s.layers * s.attention_flops(t, context + (tokens + 1) / 2)
+        moved = s.itemsize * (s.layers * s.layer_params + lm) + s.kv_bytes(s.layers, batch * (context + tokens))
+        if op == "parallel":
+            m = t * s.block
+            flops += 2.0 * m * s.tuned * s.layer_params + s.tuned * s.attention_flops(m, context + tokens / 2 + s.block)
+            moved += s.itemsize * s.tuned * s.attn_params   # the drafter's projectors; the MLPs are read anyway
+        return flops, moved
+    if op == "draft":
+        m = batch * s.block
+        return (2.0 * m * s.tuned * s.layer_params + s.tuned * s.attention_flops(m, context + s.block),
+                s.itemsize * s.tuned * s.layer_params + s.kv_bytes(s.tuned, batch * context))
+    if op == "head":
+        rows = batch * (s.block - 1)
+        return 2.0 * rows * s.head_params, s.itemsize * (s.head_params + rows * s.vocab)
+    if op == "verify":
+        return float(batch * tokens * s.vocab), float(batch * tokens * s.vocab * s.itemsize)
+    if op == "prefill":
+        t = batch * tokens
+        return (2.0 * t * s.layers * s.layer_params + 2.0 * batch * lm
+                + s.layers * s.attention_flops(t, (tokens + 1) / 2),
+                s.itemsize * (s.layers * s.layer_params + lm) + s.kv_bytes(s.layers, t))
+    raise ValueError(f"unknown op {op!r}")
+
+
+# ---- timing ----------------------------------------------------------------------------------------------------
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(calls: dict, repeats: int, min_sample_s: float, device, clock=time.perf_counter) -> dict:
+    """Seconds per call, ``repeats`` samples per key, one pass over every key per repetition (noise spreads evenly).
+
+    ``clock``: wall time by default; ``time.thread_time`` (one thread, CPU) leaves other processes' load out."""
+    inner = {}
+    for key, fn in calls.items():           # warm up, and pick how many calls make one sample
+        fn()
+        synchronize(device)
+        start = clock()
+        fn()
+        synchronize(device)
+        inner[key] = max(1, math.ceil(min_sample_s / max(clock() - start, 1e-7)))
+    samples = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            start = clock()
+            for _ in range(inner[key]):
+                fn()
+            synchronize(device)
+            samples[key].append((clock() - start) / inner[key])
+    return samples
+
+
+def measure_ceilings(device="cpu", dtype=torch.float32, quick: bool = False, repeats: int = 5) -> dict:
+    """Bandwidth from a large copy ((read + write) bytes / s) and peak FLOP/s from a large square GEMM in ``dtype``."""
+    cuda = torch.device(device).type == "cuda"
+    numel = (4 << 20) if quick else ((1 << 30) if cuda else (64 << 20))
+    n = 256 if quick else (8192 if cuda else 2048)
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    samples = time_interleaved({"copy": lambda: dst.copy_(src), "gemm": lambda: a @ b}, repeats,
+                               0.0 if not quick else 0.002, device)
+    copy_s, gemm_s = statistics.median(samples["copy"]), statistics.median(samples["gemm"])
+    return {"bandwidth": 2 * src.numel() * src.element_size() / copy_s, "peak_flops": 2.0 * n ** 3 / gemm_s,
+            "copy_bytes": 2 * src.numel() * src.element_size(), "gemm_n": n, "dtype": str(dtype).removeprefix("torch."),
+            "samples": {k: [round(x, 7) for x in v] for k, v in samples.items()}}
+
+
+# ---- the ops, through our runtime ------------------------------------------------------------------------------
+def op_call(op: str, model, drafter, cache, batch: int, tokens: int, context: int):
+    """A no-argument call that runs ``op`` once on prepared inputs (the cache's contents do not matter for time)."""
+    from flexdraft.speculative import STEPS, Stats
+
+    device, block, vocab = model.device, drafter.block_size, model.config.vocab_size
+    g = torch.Generator().manual_seed(batch * 1000 + tokens)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=g).to(device)
+    positions = (context + torch.arange(tokens))[None, :].expand(batch, -1).to(device)
+    lengths = torch.full((batch,), context, dtype=torch.int64, device=device)
+    greedy, spec, streams = SamplingParams(), SpecConfig(), Streams(torch.arange(batch))
+    drafts = Drafts(torch.randint(0, vocab, (batch, block - 1), generator=g).to(device),
+                    torch.rand(batch, block - 1, generator=g).to(device), None)
+    num_drafts = torch.full((batch,), tokens - 1, dtype=torch.int64, device=device)
+
+    if op == "target":
+        def call():
+            hidden, _ = model(ids, positions, cache)
+            return model.logits(hidden)
+    elif op == "draft":
+        masks = mask_block(lengths - 1, 1, block)
+        empty = torch.empty(batch, 0, dtype=torch.int64, device=device)
+
+        def call():
+            return model(empty, empty, cache, masks, drafter)[1]
+    elif op == "head":
+        hidden = torch.randn(batch, block, model.config.hidden_size, generator=g).to(device, model.dtype)
+
+        def call():
+            return next_drafts(model, drafter, hidden, ids[:, 0], greedy, spec, streams)
+    elif op == "prefill":
+        prompt_positions = torch.arange(tokens, device=device)[None, :].expand(batch, -1)
+
+        def call():
+            hidden, _ = model(ids, prompt_positions, cache)
+            return model.logits(hidden[:, -1])
+    elif op in STEP_OPS.values():
+        step = STEPS[op.removeprefix("step_")]
+
+        def call():
+            return step(model, drafter, cache, ids[:, 0], drafts, num_drafts, greedy, spec, streams,
+                        Stats(accept_histogram=[0] * (block + 1)))
+    elif op == "loop":
+        out = torch.randint(0, vocab, (batch, tokens), generator=g).to(device)
+        gained = torch.randint(1, tokens + 1, (batch,), generator=g).to(device)
+        record = Batch(batch, 4 * block, [[-1]] * batch, device)
+
+        def call():
+            record.generated.zero_()
+            record.append(out, gained)
+            room = record.max_new_tokens - record.generated[record.rows]
+            torch.minimum(verify_len(drafts.confidence, spec), (room - 1).clamp(min=1))
+            return torch.bincount(gained, minlength=block + 1).tolist()
+    else:
+        raise ValueError(f"unknown op {op!r}")
+
+    def run():
+        cache.lengths = lengths.clone()
+        with torch.no_grad():
+            return call()
+    return run
+
+
+def grid_points(grid: Grid, block: int, mask_share: float = 1.0) -> list[tuple[str, int, int, int]]:
+    """(op, batch, tokens, context) of every point the harness measures; ``mask_share`` = tuned / all layers."""
+    tokens = sorted({t for t in grid.tokens if t <= block} | {block})
+    budget = grid.max_call_tokens or float("inf")
+
+    def within(sizes, cost):
+        return [x for i, x in enumerate(sizes) if i < 2 or cost(x) <= budget]
+
+    points = []
+    for b in grid.batches:
+        for ctx in grid.contexts:
+            points += [("target", b, q, ctx) for q in within(tokens, lambda q: b * q)]
+            points += [("draft", b, block, ctx), ("step_ar", b, 1, ctx)]
+            points += [("step_sequential", b, q, ctx)
+                       for q in within(tokens[1:], lambda q: b * (q + block * mask_share))]
+            points += [("step_parallel", b, q, ctx)
+                       for q in within(tokens[1:], lambda q: b * q * (1 + block * mask_share))]
+        points += [("head", b, block - 1, 0)] + [("loop", b, q, 0) for q in tokens]
+    points += [("prefill", b, grid.prompt_len, 0) for b in within(sorted(grid.batches), lambda b: b * grid.prompt_len)]
+    return points
+
+
+def cost_calls(model, drafter, grid: Grid) -> dict:
+    """{(op, batch, tokens, context): call} for every grid point (one cache per batch size and context, shared)."""
+    shape = Shape.of(model, drafter)
+    points = grid_points(grid, drafter.block_size, shape.tuned / shape.layers)
+    lengths = {}
+    for _, b, q, ctx in points:
+        lengths[(b, ctx)] = max(lengths.get((b, ctx), 0), ctx + q + 1)
+    caches = {key: model.new_cache(key[0], length) for key, length in lengths.items()}
+    return {p: op_call(p[0], model, drafter, caches[(p[1], p[3])], *p[1:]) for p in points}
+
+
+def cost_rows(samples: dict, model, drafter) -> list[dict]:
+    """The grid points among ``samples`` as rows: median seconds, samples, FLOPs and bytes."""
+    shape = Shape.of(model, drafter)
+    rows = []
+    for key, times in samples.items():
+        if key[0] not in OPS:
+            continue
+        op, b, q, ctx = key
+        flops, moved = work(op, shape, b, q, ctx)
+        rows.append({"op": op, "batch": b, "tokens": q, "context": ctx, "seconds": statistics.median(times),
+                     "samples": [round(t, 7) for t in times], "flops": flops, "bytes": moved})
+    return rows
+
+
+def measure_costs(model, drafter, grid: Grid = Grid(), log=lambda message: None, clock=time.perf_counter) -> list[dict]:
+    """Every grid point's median seconds, samples, FLOPs and bytes, measured with interleaved repetitions."""
+    calls = cost_calls(model, drafter, grid)
+    log(f"timing {len(calls)} points x {grid.repeats} interleaved repetitions ...")
+    start = time.perf_counter()
+    samples = time_interleaved(calls, grid.repeats, grid.min_sample_s, model.device, clock)
+    log(f"  done in {time.perf_counter() - start:.0f} s")
+    return cost_rows(samples, model, drafter)
+
+
+def floors(rows: list[dict], ceilings: dict) -> list[dict]:
+    """Each point with its floor (max of bytes / bandwidth and FLOPs / peak), attained FLOP/s and intensity."""
+    out = []
+    for r in rows:
+        floor = max(r["bytes"] / ceilings["bandwidth"], r["flops"] / ceilings["peak_flops"])
+        out.append({**r, "floor_s": floor, "of_floor": floor / r["seconds"], "flop_s": r["flops"] / r["seconds"],
+                    "intensity": r["flops"] / r["bytes"] if r["bytes"] else 0.0})
+    return out
+
+
+# ---- the cost table: interpolation over the measured grid -------------------------------------------------------
+def _interp(x: float, xs: list, ys: list) -> float:
+    """Piecewise linear in x. Past the ends, linear from the two nearest points with the slope floored at 0:
+    a cost never falls as the work grows, whatever the noise in the last two points."""
+    if len(xs) == 1:
+        return ys[0]
+    i = max(1, min(len(xs) - 1, next((k for k, v in enumerate(xs) if v >= x), len(xs) - 1)))
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    slope = (y1 - y0) / (x1 - x0)
+    if x > x1:
+        return y1 + max(slope, 0.0) * (x - x1)
+    if x < x0:
+        return y0 - max(slope, 0.0) * (x0 - x)
+    return y0 + slope * (x - x0)
+
+
+@dataclass
+class CostTable:
+    """T(op, batch, tokens, context) from measured points: piecewise linear in tokens and in batch (extrapolated
+    linearly past the measured points) and in context (clamped to the measured range)."""
+    points: dict = field(default_factory=dict)      # op -> {(batch, tokens, context): seconds}
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "CostTable":
+        table = cls()
+        for r in rows:
+            table.points.setdefault(r["op"], {})[(r["batch"], r["tokens"], r["context"])] = r["seconds"]
+        return table
+
+    def time(self, op: str, batch: float, tokens: float = 1, context: float = 0) -> float:
+        grid = self.points[op]
+        batches = sorted({b for b, _, _ in grid})
+        contexts = sorted({c for _, _, c in grid})
+        context = min(max(context, contexts[0]), contexts[-1])
+
+        def at(b, c):
+            qs = sorted(q for bb, q, cc in grid if bb == b and cc == c)
+            return _interp(tokens, qs, [grid[(b, q, c)] for q in qs])
+
+        def over_batch(c):
+            return _interp(batch, batches, [at(b, c) for b in batches])
+
+        return max(_interp(context, contexts, [over_batch(c) for c in contexts]), 0.0)
+
+
+def shape_dict(model, drafter) -> dict:
+    return asdict(Shape.of(model, drafter))

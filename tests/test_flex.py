@@ -1,0 +1,162 @@
+"""Flex decoding: the crossover from a cost table and an acceptance profile, the per-device store, losslessness with
+a policy that changes as the batch shrinks, and the harness's predictions against measured tokens/s."""
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.crossover import (FlexPolicy, build_entry, crossover, entry_key, flex_policy, predict_decode,
+                                   predict_run, write_entry)
+from experiments.roofline import QUICK, CostTable, Shape, grid_points, work
+from flexdraft.drafter import Drafter
+from flexdraft.generate import generate_ar
+from flexdraft.sampling import SamplingParams
+from flexdraft.speculative import SpecConfig, generate_speculative
+from helpers import random_prompts, tiny_target
+
+# A synthetic cost table: the roofline's floor at every point plus a fixed overhead per call, for Qwen3-8B's shape
+# (bf16, 10 tuned layers) on an H200's ceilings (as measured for this project: 4.3 TB/s, 790 TFLOP/s).
+QWEN3_8B = Shape(layers=36, tuned=10, block=16, hidden=4096, intermediate=12288, vocab=151936, heads=32, kv_heads=8,
+                 head_dim=128, rank=512, itemsize=2)
+H200 = {"bandwidth": 4.3e12, "peak_flops": 790e12}
+
+
+def synthetic_costs(shape=QWEN3_8B, ceilings=H200, batches=(1, 2, 4, 8, 16, 32), overhead=2e-4):
+    grid = QUICK.__class__(batches=batches, tokens=(1, 2, 4, 8, 16), contexts=(256,), prompt_len=128,
+                           max_call_tokens=None)
+    rows = []
+    for op, b, q, ctx in grid_points(grid, shape.block, shape.tuned / shape.layers):
+        flops, moved = work(op, shape, b, q, ctx)
+        seconds = max(moved / ceilings["bandwidth"], flops / ceilings["peak_flops"]) + overhead
+        rows.append({"op": op, "batch": b, "tokens": q, "context": ctx, "seconds": seconds, "flops": flops,
+                     "bytes": moved})
+    return rows
+
+
+def synthetic_profile(mean_accepted: float, block=16, rows=2000, seed=0):
+    """Geometric acceptance; a confidence that knows it (high before the first miss, low after)."""
+    rng = np.random.default_rng(seed)
+    p = mean_accepted / (1 + mean_accepted)
+    accepted = np.minimum(rng.geometric(1 - p, rows) - 1, block - 1)
+    slots = np.arange(block - 1)[None, :]
+    confidence = np.where(slots < accepted[:, None], 0.9, 0.2) * rng.uniform(0.9, 1.0, (rows, block - 1))
+    return {"block_size": block, "accepted": accepted.tolist(), "confidence": confidence.round(4).tolist(),
+            "source": "synthetic"}
+
+
+def test_flex_picks_parallel_at_batch_1_and_sequential_at_large_batch():
+    costs = CostTable.from_rows(synthetic_costs())
+    result = crossover(costs, synthetic_profile(3.0), [1, 2, 4, 8, 16, 32], context=256)
+    choice = {b: row["choice"]["mode"] for b, row in result["by_batch"].items()}
+    assert choice[1] == "parallel" and choice[32] == "sequential"
+    assert 1 < result["crossover_batch"] <= 32
+    # Below the crossover parallel wins, from it on sequential does (a single switch).
+    for b, row in result["by_batch"].items():
+        par, seq = row["parallel"]["tokens_per_s"], row["sequential"]["tokens_per_s"]
+        assert (seq >= par) == (b >= result["crossover_batch"])
+    # At large batch the best threshold verifies fewer drafts than at batch 1: extra tokens stop being free.
+    assert result["by_batch"][32]["parallel"]["verify_len"] <= result["by_batch"][1]["parallel"]["verify_len"]
+
+
+def test_flex_falls_back_to_ar_when_nothing_is_accepted():
+    costs = CostTable.from_rows(synthetic_costs())
+    result = crossover(costs, synthetic_profile(0.0), [1, 8, 32], context=256)
+    assert {row["choice"]["mode"] for row in result["by_batch"].values()} == {"ar"}
+
+
+def test_prediction_counts_the_longest_verify_length_of_the_batch():
+    costs = CostTable.from_rows(synthetic_costs())
+    profile = synthetic_profile(2.0)
+    one = predict_decode(costs, profile, "sequential", 1, 0.1, 256)
+    many = predict_decode(costs, profile, "sequential", 16, 0.1, 256)
+    assert many["tokens_per_step"] == pytest.approx(16 * one["tokens_per_step"], rel=0.1)
+    assert many["step_s"] > one["step_s"]
+
+
+def test_policy_between_batch_sizes_and_beyond():
+    policy = FlexPolicy({1: ("parallel", 0.1), 3: ("sequential", None), 8: ("ar", None)}, "test")
+    assert [policy(b)[0] for b in (1, 2, 3, 7, 8, 100)] == ["parallel", "parallel", "sequential", "sequential", "ar",
+                                                               "ar"]
+    assert policy.describe() == "parallel b1-2 (tau 0.1), sequential b3-7, ar b8+"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = tiny_target("llama", seed=3, max_position_embeddings=512)
+    return model, Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=0)
+
+
+def test_store_round_trip_and_default(tiny, tmp_path):
+    model, drafter = tiny
+    path = tmp_path / "store.json"
+    policy = flex_policy(model, drafter, path)
+    assert policy.source.startswith("conservative default") and "flexdraft roofline" in policy.source
+    assert policy(1)[0] == "parallel" and policy(2)[0] == "sequential" and policy(64)[1] is None
+    rows = synthetic_costs(Shape.of(model, drafter), batches=(1, 2, 4))
+    entry = build_entry(rows, {**H200, "samples": {}}, synthetic_profile(2.0, block=4, rows=200), {}, context=64,
+                        command="test")
+    write_entry(path, entry_key(model, drafter), entry)
+    policy = flex_policy(model, drafter, path)
+    assert policy.source.startswith("measured:") and entry_key(model, drafter) in policy.source
+    assert sorted(policy.choices) == [1, 2, 3, 4]
+    assert all(mode in ("ar", "parallel", "sequential") for mode, _ in policy.choices.values())
+    other = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=1)
+    assert "has no entry" in flex_policy(model, other, path).source
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 6])
+def test_flex_by_batch_size_is_lossless_as_the_batch_shrinks(tiny, batch_size):
+    """The policy switches mode as stops shrink the batch; greedy output still equals autoregressive decoding."""
+    model, drafter = tiny
+    prompts = random_prompts(model.config.vocab_size, [2 + (7 * i) % 9 for i in range(batch_size)], seed=batch_size)
+    free, _ = generate_ar(model, prompts, 20, SamplingParams(), [[-1]] * batch_size, torch.arange(batch_size))
+    stops = [[free.results()[0][i][2 + 3 * i]] for i in range(batch_size)]   # each row stops at its own step
+    policy = FlexPolicy({1: ("parallel", 0.0), 2: ("ar", None), 3: ("sequential", 0.2), 5: ("parallel", None)}, "t")
+    expected, _ = generate_ar(model, prompts, 20, SamplingParams(), stops, torch.arange(batch_size))
+    got, stats = generate_speculative(model, drafter, prompts, 20, SamplingParams(), stops, torch.arange(batch_size),
+                                      policy, SpecConfig(verify_threshold=0.0))
+    assert got.results() == expected.results()
+    assert sum(stats.mode_steps.values()) == stats.target_forwards - 1
+    if batch_size == 6:
+        assert len(stats.mode_steps) >= 3       # sequential, ar and parallel all ran while the batch shrank
+
+
+# The stated tolerance on this shared 2-core CPU: the geometric mean of predicted / measured tokens/s within 25% of 1
+# (a systematic modelling error shows there) and every point within a factor of 1.75. Cost points and engine runs
+# are timed interleaved, one pass over all of them per repetition, in this thread's CPU time (tests run torch on
+# one thread), so load that other processes put on the machine reaches both sides alike.
+POINT_TOLERANCE, MEAN_TOLERANCE = 1.75, 1.25
+
+
+def test_predictions_agree_with_measured_tokens_per_s(tiny):
+    from experiments.crossover import measure_acceptance
+    from experiments.roofline import cost_calls, cost_rows, time_interleaved
+
+    model, drafter = tiny
+    grid, new_tokens, modes = QUICK, 24, ("ar", "sequential", "parallel")
+    profile = measure_acceptance(model, drafter, random_prompts(model.config.vocab_size, [grid.prompt_len] * 8, 1),
+                                 new_tokens, [-1])
+    thresholds = dict(zip(modes, (None, 0.1, 0.0)))
+
+    def run(b, mode):   # no stops: the batch stays full, as the prediction assumes
+        prompts = random_prompts(model.config.vocab_size, [grid.prompt_len] * b, seed=100 + b)
+        if mode == "ar":
+            return lambda: generate_ar(model, prompts, new_tokens, SamplingParams(), [[-1]] * b, torch.arange(b))
+        return lambda: generate_speculative(model, drafter, prompts, new_tokens, SamplingParams(), [[-1]] * b,
+                                            torch.arange(b), mode, SpecConfig(thresholds[mode]))
+
+    runs = {("run", b, mode): run(b, mode) for b in grid.batches for mode in modes}
+    samples = time_interleaved({**cost_calls(model, drafter, grid), **runs}, 5, grid.min_sample_s, "cpu",
+                               time.thread_time)
+    costs = CostTable.from_rows(cost_rows(samples, model, drafter))
+    ratios = {}
+    for _, b, mode in runs:
+        measured = b * new_tokens / statistics.median(samples[("run", b, mode)])
+        predicted = predict_run(costs, profile, mode, b, thresholds[mode], grid.prompt_len, new_tokens)
+        ratios[(b, mode)] = predicted / measured
+    worst = max(ratios.values(), key=lambda r: abs(np.log(r)))
+    mean = float(np.exp(np.mean(np.log(list(ratios.values())))))
+    assert 1 / MEAN_TOLERANCE <= mean <= MEAN_TOLERANCE, ratios
+    assert 1 / POINT_TOLERANCE <= worst <= POINT_TOLERANCE, ratios

@@ -1,0 +1,67 @@
+"""The report generator makes its README and plots from a small fixture (a bench JSON and a flex store measured on a
+tiny random model: the numbers mean nothing, the shapes are the real ones); the experiment commands fail in one line."""
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.report import markdown_table, write_report
+from flexdraft.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PLOTS = ["tokens_per_s.png", "speedup.png", "crossover.png", "predicted_vs_measured.png", "acceptance.png",
+         "roofline.png"]
+
+
+def test_report_from_fixture(tmp_path):
+    readme = write_report(FIXTURES / "report_bench.json", FIXTURES / "report_store.json", [], tmp_path)
+    text = readme.read_text()
+    for heading in ("## Summary", "## Tokens/s and speedup per batch size", "## Flex: the crossover on this device",
+                    "## Predicted vs measured", "## Acceptance", "## Roofline", "## How to reproduce"):
+        assert heading in text
+    for name in PLOTS:
+        assert (tmp_path / name).stat().st_size > 5000 and f"({name})" in text
+    assert "flexdraft bench (fixture)" in text and "flexdraft roofline --quick (fixture)" in text
+    assert "| batch | ar | sequential | parallel | flex | hf |" in text
+
+
+def test_report_with_only_a_store_and_a_kernel_json(tmp_path):
+    kernels = tmp_path / "kernels.json"
+    kernels.write_text(json.dumps({"benchmarks": [{"fullname": "tests/bench_decode.py::bench_step[ar]", "group": "g",
+                                                   "stats": {"median": 1e-3, "min": 9e-4, "iqr": 1e-4,
+                                                             "rounds": 5}}]}))
+    readme = write_report(None, FIXTURES / "report_store.json", [kernels], tmp_path / "out")
+    text = readme.read_text()
+    assert "No bench JSON" in text and "## Kernels" in text and "bench_step[ar]" in text
+    assert (tmp_path / "out" / "roofline.png").exists() and not (tmp_path / "out" / "speedup.png").exists()
+
+
+def test_report_command(tmp_path, capsys):
+    assert main(["report", "--bench", str(FIXTURES / "report_bench.json"), "--store",
+                 str(FIXTURES / "report_store.json"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| batch |" in out and (tmp_path / "README.md").exists()
+
+
+def test_markdown_table_formats_missing_cells():
+    import pandas as pd
+
+    df = pd.DataFrame({"a": [1.234, None], "b": ["x", "y"]}, index=pd.Index([1, 2], name="batch"))
+    assert markdown_table(df, 2).splitlines() == ["| batch | a | b |", "|---|---|---|", "| 1 | 1.23 | x |",
+                                                  "| 2 | - | y |"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["report", "--device", "no-such-device"], "nothing to report"),
+    (["bench", "--configs", "ar,nonsense"], "unknown nonsense"),
+    (["bench", "--batch-sizes", "1,x"], "comma-separated integers"),
+    (["roofline", "--batch-sizes", "0"], "positive integers"),
+])
+def test_experiment_commands_fail_in_one_line(capsys, argv, message):
+    try:
+        status = main(argv)
+    except SystemExit as exit_info:   # argparse's own errors
+        status = exit_info.code
+    assert status != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -196,7 +196,9 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path, config: TrainConfig,
-          resume: bool = True, log=print) -> Drafter:
+          resume: bool = True, log=print, init_from: Path | None = None) -> Drafter:
+    """Train into ``out``; resume from ``out/state`` when it exists, else start from ``init_from`` (a saved drafter,
+    e.g. the committed one, with a fresh optimizer) or from a fresh initialisation."""
     from tqdm import tqdm
 
     if model.dtype != torch.float32:
@@ -208,6 +210,12 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
     if resume and (out / "state" / STATE_JSON).exists():
         drafter, optimizer, start, history = load_state(out, model, factory)
         log(f"resuming from step {start} in {out}")
+    elif init_from is not None:
+        drafter = Drafter.load(init_from, model).float()
+        for p in drafter.parameters():
+            p.requires_grad_(True)
+        optimizer, start, history = factory(drafter), 0, []
+        log(f"continuing from the drafter in {init_from} with a fresh optimizer")
     else:
         drafter = Drafter.initialise(model, config.num_tuned_layers, config.block_size, config.calibration_rank,
                                      seed=config.seed)

@@ -82,3 +82,14 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path, monkeypatch):
     assert [r["step"] for r in history] == list(range(1, 17))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_training_can_continue_from_a_saved_drafter(toy, tmp_path):
+    """The committed drafter is a starting point: --init-from loads its weights (bf16 as stored) to train on."""
+    model, rows, _ = toy
+    train(model, rows, [], tmp_path / "a", small_config(steps=10, save_every=10), log=lambda *_: None)
+    saved = Drafter.load(tmp_path / "a" / "drafter", model)
+    continued = train(model, rows, [], tmp_path / "b", small_config(steps=1, lr=0.0, warmup_steps=1),
+                      log=lambda *_: None, init_from=tmp_path / "a" / "drafter")
+    for (name, a), b in zip(saved.state_dict().items(), continued.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

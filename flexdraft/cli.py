@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory: <out>/drafter (use it) and <out>/state (resume)")
     train.add_argument("--corpus", default=None, help="corpus JSONL (default: the one `flexdraft data` built)")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming from <out>/state")
+    train.add_argument("--init-from", default=None,
+                       help="start from a saved drafter (e.g. flexdraft/drafters/...) instead of a fresh one")
     from flexdraft.train import TrainConfig
     for name, value in TrainConfig().__dict__.items():
         flag = "--" + name.replace("_", "-")
@@ -88,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
             train.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
         else:
             train.add_argument(flag, type=int if name == "num_tuned_layers" else type(value), default=value)
+
+    ev = sub.add_parser("evaluate", help="a drafter's acceptance and speed on MT-bench and HumanEval (batch 1)")
+    ev.add_argument("--model", default="default")
+    ev.add_argument("--drafter", default="default")
+    ev.add_argument("--mtbench", type=int, default=80, help="how many MT-bench prompts (first turns)")
+    ev.add_argument("--humaneval", type=int, default=164, help="how many HumanEval prompts")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--out", default="reports/drafter/acceptance", help="output path stem (.json and .md)")
+
+    tune = sub.add_parser("autotune", help="sweep kernel configurations on this GPU into autotune/configs/<device>.json")
+    tune.add_argument("--out", default=None, help="store path (default: autotune/configs/<device>.json)")
+    tune.add_argument("--quick", action="store_true", help="the small configuration space")
 
     sub.add_parser("fetch", help="download and convert the default model and the data sets (cached)")
     demo = sub.add_parser("demo", help="the main job: answer MT-bench prompts, compare with transformers")
@@ -165,8 +179,26 @@ def command_train(args) -> int:
     rows, held_out = split_corpus(read_corpus(path))
     print(f"corpus {path}: {len(rows)} training and {len(held_out)} held-out responses", file=sys.stderr)
     train(fd.model, rows, held_out, Path(args.out), config, resume=not args.fresh,
-          log=lambda m: print(m, file=sys.stderr))
+          log=lambda m: print(m, file=sys.stderr), init_from=Path(args.init_from) if args.init_from else None)
     print(Path(args.out) / "drafter")
+    return 0
+
+
+def command_evaluate(args) -> int:
+    from flexdraft.evaluate import run
+
+    run(args.drafter, Path(args.out), args.mtbench, args.humaneval, args.max_new_tokens, args.model)
+    return 0
+
+
+def command_autotune(args) -> int:
+    import torch
+
+    from autotune.sweep import run_sweep
+
+    if not torch.cuda.is_available():
+        raise FlexDraftError("autotuning needs a CUDA GPU; on a CPU the kernels run interpreted with a fixed config")
+    print(run_sweep(args.out, quick=args.quick))
     return 0
 
 
@@ -184,7 +216,7 @@ def command_demo(args) -> int:
 
 
 COMMANDS = {"generate": command_generate, "fetch": command_fetch, "demo": command_demo, "data": command_data,
-            "train": command_train, **EXPERIMENT_COMMANDS}
+            "train": command_train, "evaluate": command_evaluate, "autotune": command_autotune, **EXPERIMENT_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,29 @@ def test_save_is_atomic_when_interrupted(target, tmp_path, monkeypatch):
     assert (tmp_path / "d" / WEIGHTS_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     assert json.loads((tmp_path / "d" / CONFIG_FILE).read_text())["num_tuned_layers"] == 1
+
+
+@pytest.mark.real_model
+def test_shipped_drafter_loads_and_stays_lossless():
+    """`--drafter default` finds the committed drafter for the default model; greedy output stays identical to ar."""
+    from flexdraft.api import FlexDraft, shipped_drafter_for
+
+    fd = FlexDraft.load("default", drafter="default")
+    assert shipped_drafter_for(fd.model) is not None
+    assert fd.drafter.config.target["weights_sha"] == fd.model.fingerprint
+    prompts = ["Write a Python function that reverses a string.", "Name three rivers in Europe."]
+    ids = fd.encode(prompts)
+    expected = fd.generate(prompt_ids=ids, mode="ar", max_new_tokens=24, batch_size=2)
+    for mode in ("parallel", "sequential"):
+        got = fd.generate(prompt_ids=ids, mode=mode, max_new_tokens=24, batch_size=2)
+        assert [o["token_ids"] for o in got.outputs] == [o["token_ids"] for o in expected.outputs]
+        assert got.stats.mean_accepted > 1.0  # trained drafts do get accepted
+
+
+@pytest.mark.real_model
+def test_shipped_drafter_refuses_another_target(tmp_path):
+    from flexdraft.api import SHIPPED_DRAFTERS
+
+    other, _ = tiny_target("llama", seed=9)
+    with pytest.raises(FlexDraftError, match="trained for another target"):
+        Drafter.load(next(SHIPPED_DRAFTERS.iterdir()), other)

@@ -26,6 +26,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m flexdraft fetch
 	$(PY) -m pytest -q tests
+	# Kernel benchmarks as a smoke test (interpreted on a CPU: they prove the benchmarks run, not speed).
+	$(PY) -m pytest -q tests/bench_kernels.py --benchmark-only -p no:cacheprovider --benchmark-disable-gc --benchmark-max-time=0.01 --benchmark-min-rounds=1
 
 clean:
 	rm -rf $(VENV)

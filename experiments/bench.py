@@ -40,7 +40,7 @@ class BenchConfig:
 
 # Short enough for `make demo` on a 2-core CPU (a few minutes), long enough for the crossover to show.
 SHORT = dict(configs=("ar", "sequential", "parallel", "flex", "hf"), batch_sizes=(1, 4, 16), datasets=("mtbench",),
-             settings=("greedy",), prompts=8, max_new_tokens=32, repeats=2)
+             settings=("greedy",), prompts=4, max_new_tokens=32, repeats=2)
 
 
 def dataset_prompts(name: str) -> tuple[list[str], bool]:
@@ -68,6 +68,12 @@ def batch_prompts(ids: list[list[int]], batch: int, count: int) -> list[list[int
     """``max(count, batch)`` prompts rounded up to whole batches, taken in order (cycling only past the data set)."""
     n = -(-max(count, batch) // batch) * batch
     return [ids[i % len(ids)] for i in range(n)]
+
+
+def prompt_lengths(ids: list[list[int]], batch: int) -> dict:
+    """Mean prompt tokens, and mean padded length (each batch's longest: what a right-padded prefill computes)."""
+    padded = [max(map(len, ids[i: i + batch])) for i in range(0, len(ids), batch)]
+    return {"prompt_tokens": statistics.mean(map(len, ids)), "padded_prompt_tokens": statistics.mean(padded)}
 
 
 def applicable(config: str, batch: int, setting: str) -> bool:
@@ -142,7 +148,7 @@ def run_bench(fd, hf, cfg: BenchConfig, out: Path | None = None, log=lambda mess
                         m = run_one(config, fd, hf, ids, batch, setting, cfg)
                         result["measurements"].append({"config": config, "setting": setting, "dataset": name,
                                                        "batch_size": batch, "repeat": rep, "prompts": len(ids),
-                                                       "prompt_tokens": statistics.mean(map(len, ids)), **m})
+                                                       **prompt_lengths(ids, batch), **m})
                         log(f"{setting:7s} {name:9s} b{batch:<3d} rep {rep} {config:10s} "
                             f"{m['tokens_per_s']:8.1f} tokens/s")
                 result["summary"] = summarise(result["measurements"])

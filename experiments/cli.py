@@ -60,6 +60,9 @@ def add_parsers(sub) -> None:
                       help="held-out prompts (MT-bench and HumanEval tails)")
     roof.add_argument("--acceptance-tokens", type=int, default=48)
     roof.add_argument("--store", default=None, help="store file (default experiments/store/<device>.json)")
+    roof.add_argument("--reuse-costs", action="store_true",
+                      help="take the step costs from a stored entry of the same target, dtype and drafter shape "
+                           "(they do not depend on the drafter's weights) and measure only the acceptance")
 
     bench = sub.add_parser("bench", help="batch-sweep benchmark of every mode and transformers; JSON + table")
     add_model_args(bench)
@@ -78,7 +81,8 @@ def add_parsers(sub) -> None:
     report.add_argument("--device", default=None, help="device slug (default: this machine)")
     report.add_argument("--bench", default=None, help="default reports/<device>/bench.json")
     report.add_argument("--store", default=None, help="default experiments/store/<device>.json")
-    report.add_argument("--kernels", action="append", default=[], help="pytest-benchmark JSON (repeatable)")
+    report.add_argument("--kernels", action="append", default=[],
+                        help="pytest-benchmark JSON of kernels or decode steps (repeatable)")
     report.add_argument("--out", default=None, help="default reports/<device>")
 
 
@@ -128,7 +132,8 @@ def load_acceptance(path: str, model, drafter) -> dict:
 
 def command_roofline(args) -> int:
     from experiments.bench import held_out_prompts
-    from experiments.crossover import build_entry, entry_key, measure_acceptance, store_file, write_entry
+    from experiments.crossover import (build_entry, entry_key, measure_acceptance, read_store, reusable_entry,
+                                       store_file, write_entry)
     from experiments.provenance import current_slug
     from experiments.roofline import QUICK, Grid, measure_ceilings, measure_costs, shape_dict
 
@@ -142,22 +147,34 @@ def command_roofline(args) -> int:
                              "only steps that verify every draft count")
     model, drafter = fd.model, fd.drafter
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    log(f"ceilings on {current_slug(model.device)} ...")
-    ceilings = measure_ceilings(model.device, model.dtype, quick=args.quick)
-    log(f"  {ceilings['bandwidth'] / 1e9:.1f} GB/s copy, {ceilings['peak_flops'] / 1e9:.1f} GFLOP/s GEMM")
-    rows = measure_costs(model, drafter, grid, log)
+    path = Path(args.store) if args.store else store_file(current_slug(model.device))
+    key = entry_key(model, drafter)
+    extra = {"model": args.model, "dtype": args.dtype, "drafter": label, "backend": args.backend}
+    context = grid.prompt_len + 64
+    if args.reuse_costs:
+        old_key, old = reusable_entry(read_store(path), key)
+        if old is None:
+            raise FlexDraftError(f"{path} has no entry for this target, dtype and drafter shape to take costs from; "
+                                 "run without --reuse-costs")
+        log(f"step costs from {old_key} ({old['provenance']['created']})")
+        ceilings, rows, context = old["ceilings"], old["costs"], old["policy"]["context"]
+        extra.update(grid=old.get("grid"), costs_from={"key": old_key, **{k: old["provenance"][k] for k in (
+            "created", "command", "git_commit")}})
+    else:
+        log(f"ceilings on {current_slug(model.device)} ...")
+        ceilings = measure_ceilings(model.device, model.dtype, quick=args.quick)
+        log(f"  {ceilings['bandwidth'] / 1e9:.1f} GB/s copy, {ceilings['peak_flops'] / 1e9:.1f} GFLOP/s GEMM")
+        rows = measure_costs(model, drafter, grid, log)
+        extra["grid"] = asdict(grid)
     if args.acceptance:
         profile = load_acceptance(args.acceptance, model, drafter)
     else:
         log(f"acceptance on {args.acceptance_prompts} held-out prompts ...")
         profile = measure_acceptance(model, drafter, held_out_prompts(fd, args.acceptance_prompts),
                                      args.acceptance_tokens, fd.stop_ids(), batch_size=8)
-    context = grid.prompt_len + 64
-    entry = build_entry(rows, ceilings, profile, shape_dict(model, drafter), context,
-                        device=model.device, extra={"model": args.model, "dtype": args.dtype, "drafter": label,
-                                                    "backend": args.backend, "grid": asdict(grid)})
-    path = write_entry(Path(args.store) if args.store else store_file(current_slug(model.device)),
-                       entry_key(model, drafter), entry)
+    entry = build_entry(rows, ceilings, profile, shape_dict(model, drafter), context, device=model.device,
+                        extra=extra)
+    write_entry(path, key, entry)
     print_crossover(entry, file=sys.stdout)
     print(f"wrote {path}")
     return 0
@@ -175,7 +192,8 @@ def print_crossover(entry: dict, file=sys.stdout) -> None:
               f"{tau['sequential'] if tau['sequential'] is not None else '-':>7}"
               f"{row['parallel']['tokens_per_s']:>10.1f}{tau['parallel'] if tau['parallel'] is not None else '-':>7}"
               f"  {row['choice']['mode']}", file=file)
-    print(f"crossover (sequential >= parallel from batch): {entry['policy']['crossover_batch']}", file=file)
+    print(f"crossover (sequential never behind parallel from batch): {entry['policy']['crossover_batch']}",
+          file=file)
 
 
 def command_bench(args) -> int:

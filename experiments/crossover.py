@@ -7,7 +7,7 @@
   ``ar``, ``sequential`` and ``parallel`` at a batch size and verification threshold. A step verifies the batch's
   longest verify length, so the step cost uses the maximum over the batch's rows (drawn from the profile).
 - ``crossover`` picks, per batch size, the best threshold of each mode and the best mode; the crossover batch is
-  the first where sequential beats parallel.
+  the smallest from which sequential is never behind parallel.
 - The result lives in ``experiments/store/<device-slug>.json`` under a key naming the target, its dtype and the
   drafter, with the measurements behind it and their provenance. ``flex_policy`` reads it.
 """
@@ -134,8 +134,11 @@ def crossover(costs: CostTable, profile: dict, batches, context: float, strategy
         choice = max(("ar",) + SPEC_MODES, key=lambda m: row[m]["tokens_per_s"])
         row["choice"] = {"mode": choice, "verify_threshold": row[choice].get("verify_threshold")}
         by_batch[int(b)] = row
-    crossing = next((b for b in sorted(by_batch)
-                     if by_batch[b]["sequential"]["tokens_per_s"] >= by_batch[b]["parallel"]["tokens_per_s"]), None)
+    crossing = None   # the smallest batch size from which sequential is never behind parallel
+    for b in sorted(by_batch, reverse=True):
+        if by_batch[b]["sequential"]["tokens_per_s"] < by_batch[b]["parallel"]["tokens_per_s"]:
+            break
+        crossing = b
     return {"context": context, "strategy": strategy, "crossover_batch": crossing, "by_batch": by_batch}
 
 
@@ -179,6 +182,17 @@ def read_store(path: Path) -> dict:
     except (ValueError, OSError) as exc:
         warnings.warn(f"ignoring flex store {path}: {exc}")
         return {}
+
+
+def reusable_entry(store: dict, key: str) -> tuple[str | None, dict | None]:
+    """The newest entry measured with the same target, dtype and drafter shape as ``key`` (the drafter's weights
+    change acceptance, not step costs)."""
+    shape = key.rsplit("-", 1)[0]
+    matches = {k: e for k, e in (store or {}).get("entries", {}).items() if k.rsplit("-", 1)[0] == shape}
+    if not matches:
+        return None, None
+    newest = max(matches, key=lambda k: matches[k]["provenance"].get("created", ""))
+    return newest, matches[newest]
 
 
 def write_entry(path: Path, key: str, entry: dict) -> Path:

@@ -67,7 +67,7 @@ def predicted_rows(bench: dict, entry: dict) -> list[dict]:
     rows = []
     for (dataset, batch, config), ms in sorted(cells.items()):
         mode, tau = (config, threshold) if config != "flex" else policy(batch)
-        prompt_len = statistics.mean(m["prompt_tokens"] for m in ms)
+        prompt_len = statistics.mean(m.get("padded_prompt_tokens", m["prompt_tokens"]) for m in ms)
         new_tokens = statistics.mean(m["new_tokens"] / m["prompts"] for m in ms)
         predicted = predict_run(costs, profile, mode, batch, threshold if tau is None else tau, prompt_len,
                                 new_tokens)
@@ -191,8 +191,9 @@ def section_predicted(bench: dict, entry: dict, out: Path, lines: list[str]) -> 
                                 out / "predicted_vs_measured.png")
     ratios = [r["ratio"] for r in rows if r["ratio"]]
     lines += ["## Predicted vs measured", "",
-              "The prediction for each greedy run: prefill plus decoding at the run's batch size, mean prompt length "
-              "and mean new tokens per sequence. It assumes the batch stays full (stops shrink it) and the "
+              "The prediction for each greedy run: prefill plus decoding at the run's batch size, padded prompt "
+              "length (each batch's longest prompt: prefill and attention run to it) and mean new tokens per "
+              "sequence. It assumes the batch stays full (stops shrink it) and the "
               f"acceptance of the held-out profile. Predicted / measured: median {statistics.median(ratios):.2f}, "
               f"range {min(ratios):.2f} to {max(ratios):.2f}.", "",
               markdown_table(pd.DataFrame(rows).set_index("dataset"), 2), "",
@@ -253,7 +254,10 @@ def section_roofline(entry: dict, out: Path, lines: list[str]) -> None:
 
 def reproduce(bench: dict | None, entry: dict | None, kernels: list[Path]) -> list[str]:
     lines = ["## How to reproduce", "", "```", "make install"]
-    if entry:
+    if entry and entry.get("costs_from"):
+        lines.append(entry["costs_from"]["command"] + "      # step costs (and a first acceptance profile)")
+        lines.append(entry["provenance"]["command"] + "      # acceptance and crossover on those costs -> flex store")
+    elif entry:
         lines.append(entry["provenance"]["command"] + "      # roofline, acceptance, crossover -> flex store")
     if bench:
         lines.append(bench["provenance"]["command"] + "      # the batch sweep")
@@ -295,7 +299,8 @@ def write_report(bench_path: Path | None, store_path: Path | None, kernels: list
         section_roofline(entry, out, lines)
     rows = kernel_rows(kernels)
     if rows:
-        lines += ["## Kernels", "", markdown_table(pd.DataFrame(rows).set_index("benchmark"), 1), ""]
+        lines += ["## Kernel and decode-step benchmarks (pytest-benchmark)", "",
+                  markdown_table(pd.DataFrame(rows).set_index("benchmark"), 1), ""]
     lines += reproduce(bench, entry, kernels)
     readme = out / "README.md"
     readme.write_text("\n".join(lines))

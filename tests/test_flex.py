@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experiments.crossover import (FlexPolicy, build_entry, crossover, entry_key, flex_policy, predict_decode,
-                                   predict_run, write_entry)
+                                   predict_run, read_store, reusable_entry, write_entry)
 from experiments.roofline import QUICK, CostTable, Shape, grid_points, work
 from flexdraft.drafter import Drafter
 from flexdraft.generate import generate_ar
@@ -104,6 +104,10 @@ def test_store_round_trip_and_default(tiny, tmp_path):
     assert all(mode in ("ar", "parallel", "sequential") for mode, _ in policy.choices.values())
     other = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=1)
     assert "has no entry" in flex_policy(model, other, path).source
+    # Another drafter of the same shape can reuse the step costs (--reuse-costs); another block size cannot.
+    assert reusable_entry(read_store(path), entry_key(model, other))[0] == entry_key(model, drafter)
+    wider = Drafter.initialise(model, num_tuned_layers=2, block_size=5, seed=0)
+    assert reusable_entry(read_store(path), entry_key(model, wider)) == (None, None)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 6])
@@ -160,3 +164,19 @@ def test_predictions_agree_with_measured_tokens_per_s(tiny):
     mean = float(np.exp(np.mean(np.log(list(ratios.values())))))
     assert 1 / MEAN_TOLERANCE <= mean <= MEAN_TOLERANCE, ratios
     assert 1 / POINT_TOLERANCE <= worst <= POINT_TOLERANCE, ratios
+
+
+@pytest.mark.real_model
+def test_flex_on_the_default_model_says_where_its_policy_comes_from(capsys):
+    import json
+
+    from flexdraft.cli import main
+
+    outputs = {}
+    for mode in ("ar", "flex"):
+        assert main(["generate", "--prompt", "Name a color.", "--mode", mode, "--drafter", "untrained",
+                     "--max-new-tokens", "8", "--json"]) == 0
+        outputs[mode] = json.loads(capsys.readouterr().out)
+    assert outputs["flex"]["outputs"][0]["token_ids"] == outputs["ar"]["outputs"][0]["token_ids"]
+    assert outputs["flex"]["policy"].startswith(("measured:", "conservative default"))
+    assert "policy" not in outputs["ar"]

@@ -32,7 +32,7 @@ def test_report_with_only_a_store_and_a_kernel_json(tmp_path):
                                                              "rounds": 5}}]}))
     readme = write_report(None, FIXTURES / "report_store.json", [kernels], tmp_path / "out")
     text = readme.read_text()
-    assert "No bench JSON" in text and "## Kernels" in text and "bench_step[ar]" in text
+    assert "No bench JSON" in text and "## Kernel and decode-step benchmarks" in text and "bench_step[ar]" in text
     assert (tmp_path / "out" / "roofline.png").exists() and not (tmp_path / "out" / "speedup.png").exists()
 
 

@@ -127,8 +127,10 @@ def summarise(measurements: list[dict]) -> list[dict]:
 def run_bench(fd, hf, cfg: BenchConfig, out: Path | None = None, log=lambda message: None) -> dict:
     """Every applicable (setting, data set, batch size, repetition, configuration); written to ``out`` after each
     cell, so a run cut short keeps what it measured."""
+    cells = [(s, d, b) for s in cfg.settings for d in cfg.datasets for b in cfg.batch_sizes]
     result = {"schema": 1, "kind": "flexdraft-bench", "provenance": provenance(fd.model.device),
-              "config": asdict(cfg), "measurements": [], "summary": []}
+              "config": asdict(cfg), "cells_planned": len(cells), "cells_done": 0, "measurements": [],
+              "summary": []}
     encoded = {}
     for name in cfg.datasets:
         prompts, raw = dataset_prompts(name)
@@ -137,23 +139,21 @@ def run_bench(fd, hf, cfg: BenchConfig, out: Path | None = None, log=lambda mess
     for config in cfg.configs:                  # first calls build tables and caches that steady state reuses
         if applicable(config, 1, "greedy"):
             run_one(config, fd, hf, warm, 1, "greedy", BenchConfig(max_new_tokens=4))
-    for setting in cfg.settings:
-        for name in cfg.datasets:
-            for batch in cfg.batch_sizes:
-                ids = batch_prompts(encoded[name], batch, cfg.prompts)
-                configs = [c for c in cfg.configs if applicable(c, batch, setting)]
-                for rep in range(cfg.repeats):
-                    shift = rep % len(configs)
-                    for config in configs[shift:] + configs[:shift]:
-                        m = run_one(config, fd, hf, ids, batch, setting, cfg)
-                        result["measurements"].append({"config": config, "setting": setting, "dataset": name,
-                                                       "batch_size": batch, "repeat": rep, "prompts": len(ids),
-                                                       **prompt_lengths(ids, batch), **m})
-                        log(f"{setting:7s} {name:9s} b{batch:<3d} rep {rep} {config:10s} "
-                            f"{m['tokens_per_s']:8.1f} tokens/s")
-                result["summary"] = summarise(result["measurements"])
-                if out is not None:
-                    write_json(out, result)
+    for setting, name, batch in cells:
+        ids = batch_prompts(encoded[name], batch, cfg.prompts)
+        configs = [c for c in cfg.configs if applicable(c, batch, setting)]
+        for rep in range(cfg.repeats):
+            shift = rep % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                m = run_one(config, fd, hf, ids, batch, setting, cfg)
+                result["measurements"].append({"config": config, "setting": setting, "dataset": name,
+                                               "batch_size": batch, "repeat": rep, "prompts": len(ids),
+                                               **prompt_lengths(ids, batch), **m})
+                log(f"{setting:7s} {name:9s} b{batch:<3d} rep {rep} {config:10s} {m['tokens_per_s']:8.1f} tokens/s")
+        result["summary"] = summarise(result["measurements"])
+        result["cells_done"] += 1
+        if out is not None:
+            write_json(out, result)
     return result
 
 

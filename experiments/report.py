@@ -113,6 +113,10 @@ def kernel_rows(paths: list[Path]) -> list[dict]:
 def section_bench(bench: dict, out: Path, lines: list[str]) -> None:
     summary = bench["summary"]
     cfg = bench["config"]
+    done, planned = bench.get("cells_done"), bench.get("cells_planned")
+    if done is not None and done < planned:
+        lines += [f"**This bench run stopped after {done} of its {planned} (setting, data set, batch size) cells**; "
+                  "the tables show the cells it finished.", ""]
     lines += ["## Tokens/s and speedup per batch size", "",
               f"Median of {cfg['repeats']} interleaved repetitions; {cfg['max_new_tokens']} new tokens at most, "
               f"at least {cfg['prompts']} prompts per measurement (whole batches); the fixed modes verify with "

@@ -65,3 +65,11 @@ def test_experiment_commands_fail_in_one_line(capsys, argv, message):
     assert status != 0
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_report_says_when_a_bench_run_was_cut_short(tmp_path):
+    bench = json.loads((FIXTURES / "report_bench.json").read_text())
+    bench.update(cells_planned=6, cells_done=4)
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    text = write_report(tmp_path / "bench.json", None, [], tmp_path / "out").read_text()
+    assert "stopped after 4 of its 6" in text and "No flex store entry" in text

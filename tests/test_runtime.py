@@ -101,3 +101,41 @@ def test_default_model_logits_match_transformers():
         logits = ours.logits(ours(tokens, positions, ours.new_cache(2, 16))[0])
         for b, p in enumerate(prompts):
             torch.testing.assert_close(logits[b, :len(p)], hf(torch.tensor([p])).logits[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 17, 32, 33])
+def test_linear_split_k_matches_plain_product(rows, threads, dtype, tol):
+    """The K-split fast path of few-row products equals x @ w (+ b); 3 threads do not divide K = 50: plain path."""
+    from flexdraft.model import linear
+
+    torch.manual_seed(rows * threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k in (48, 50):
+            x, w, b = torch.randn(rows, 1, k, dtype=dtype), torch.randn(k, 37, dtype=dtype), torch.randn(37, dtype=dtype)
+            expected = (x.double() @ w.double() + b.double()).to(dtype)
+            torch.testing.assert_close(linear(x, w, b), expected, rtol=tol, atol=tol * k ** 0.5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_decoding_with_two_threads_matches_transformers(tiny_checkpoint):
+    """One-row decode steps take the K-split path when torch has several threads; logits still match transformers."""
+    path = tiny_checkpoint("qwen2")
+    hf = __import__("transformers").AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(path)
+    torch.manual_seed(5)
+    sequence = torch.randint(1, ours.config.vocab_size, (2, 9))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            cache = ours.new_cache(2, 16)
+            steps = [ours.logits(ours(sequence[:, t:t + 1], torch.full((2, 1), t), cache)[0]) for t in range(9)]
+            expected = hf(sequence).logits
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-4)

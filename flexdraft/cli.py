@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--quick", action="store_true", help="the small configuration space")
 
     sub.add_parser("fetch", help="download and convert the default model and the data sets (cached)")
-    demo = sub.add_parser("demo", help="the main job: answer MT-bench prompts, compare with transformers")
+    demo = sub.add_parser("demo", help="the main job: answer MT-bench prompts, then a short benchmark of every mode and transformers, and its report")
     demo.add_argument("--prompts", type=int, default=4)
     demo.add_argument("--max-new-tokens", type=int, default=64)
     add_experiment_parsers(sub)  # roofline, bench, report

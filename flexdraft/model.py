@@ -182,15 +182,20 @@ class Transformer(nn.Module):
         cos, sin = self._rope_table
         return cos[positions][:, :, None], sin[positions][:, :, None]
 
+    def lm_head_in_out(self) -> torch.Tensor | None:
+        """An [in, out] copy of lm_head for products of few rows on a CPU (see ``linear``), made once; None
+        elsewhere (on a GPU it would only cost memory). It costs one more copy of the vocabulary matrix."""
+        if self.device.type != "cpu" or self.lm_head.requires_grad:
+            return None
+        if self._lm_head_t is None or self._lm_head_t.dtype != self.lm_head.dtype:
+            self._lm_head_t = self.lm_head.detach().t().contiguous()
+        return self._lm_head_t
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head, only for the rows that need logits."""
         normed = F.rms_norm(hidden, hidden.shape[-1:], self.norm, self.config.rms_norm_eps)
-        if normed.numel() // normed.shape[-1] > SPLIT_K_MAX_ROWS or self.lm_head.requires_grad:
-            return F.linear(normed, self.lm_head)
-        # Few rows: an [in, out] copy streams faster (see linear()); it costs one more copy of the vocabulary matrix.
-        if self._lm_head_t is None or self._lm_head_t.dtype != self.lm_head.dtype:
-            self._lm_head_t = self.lm_head.detach().t().contiguous()
-        return linear(normed, self._lm_head_t)
+        copy = self.lm_head_in_out() if normed.numel() // normed.shape[-1] <= SPLIT_K_MAX_ROWS else None
+        return F.linear(normed, self.lm_head) if copy is None else linear(normed, copy)
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,

@@ -65,9 +65,29 @@ def block_attention_reference(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask
         keys = torch.cat([keys, k_mask.transpose(1, 2)], dim=2)
         values = torch.cat([values, v_mask.transpose(1, 2)], dim=2)
     allowed = visibility(kv_limit, kv_extent, num_clean, num_masks, group_size)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return grouped_attention(q, keys, values, allowed, scale)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed, scale=scale,
                                          enable_gqa=Hq != Hkv)
     return out.transpose(1, 2)
+
+
+def grouped_attention(q, keys, values, allowed, scale: float | None = None):
+    """Masked attention as two batched GEMMs per kv head, its query heads stacked, softmax in fp32.
+
+    q [B, T, Hq, D]; keys, values [B, Hkv, S, D]; allowed [B, 1, T, S]. Used for bf16 on a CPU, where PyTorch's
+    fused SDPA kernel is 5-10x slower than in fp32 (measured: 5.5 vs 0.5 ms at batch 16, 600 keys); scores are
+    rounded to bf16 once, as any bf16 matmul would.
+    """
+    B, T, Hq, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    group = Hq // Hkv
+    stacked = q.permute(0, 2, 1, 3).reshape(B, Hkv, group * T, D)          # kv head h serves q heads h*g .. h*g+g-1
+    scores = (stacked @ keys.transpose(-1, -2)).float().view(B, Hkv, group, T, S)
+    scores = scores * (D ** -0.5 if scale is None else scale)
+    probs = scores.masked_fill(~allowed[:, :, None], float("-inf")).softmax(-1).to(q.dtype)
+    out = probs.view(B, Hkv, group * T, S) @ values
+    return out.view(B, Hq, T, D).transpose(1, 2)
 
 
 # ---- Triton kernel -------------------------------------------------------------------------------------------------

@@ -70,3 +70,18 @@ def test_json_output_contract_on_default_model(capsys):
 def test_too_long_prompt_and_missing_drafter_are_clear(capsys):
     assert main(["generate", "--prompt", "word " * 9000, "--max-new-tokens", "4"]) != 0
     assert "exceeds the model's context" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_demo_answers_benchmarks_and_reports(tmp_path, capsys):
+    """The main job end to end on a tiny sweep: answers, a bench JSON with every configuration, a report."""
+    from flexdraft.demo import run_demo
+
+    tiny = dict(configs=("ar", "parallel", "flex", "hf"), batch_sizes=(1,), prompts=1, max_new_tokens=6, repeats=1)
+    assert run_demo(num_prompts=1, max_new_tokens=6, out=tmp_path, bench=tiny) == 0
+    out = capsys.readouterr().out
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert {m["config"] for m in bench["measurements"]} == set(tiny["configs"])
+    assert bench["cells_done"] == bench["cells_planned"] == 1
+    assert "### " in out and "report: " in out and "hf" in out
+    assert "## Tokens/s and speedup per batch size" in (tmp_path / "README.md").read_text()

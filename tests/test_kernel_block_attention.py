@@ -127,3 +127,14 @@ def test_real_shapes_bf16(model, mode, batch):
                             cache_len=256 if mode == "prefill" else 1024, dtype=torch.bfloat16, device=DEVICE)
     out = run_poisoned(block_attention_triton, **step)
     torch.testing.assert_close(out.float(), block_attention_reference(**step).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_cpu_path_matches_fp32_attention(name):
+    """The reference's bf16 CPU path (grouped GEMMs, not SDPA) against fp32 SDPA on the same inputs."""
+    step = make_step(name, torch.bfloat16, seed=7)
+    step = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in step.items()}
+    exact = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in step.items()}
+    out = block_attention_reference(**step)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), block_attention_reference(**exact), rtol=2e-2, atol=2e-2)

@@ -182,6 +182,7 @@ def table(summary: list[dict], value: str = "tokens_per_s") -> str:
     return "\n".join(lines)
 
 
-def print_summary(result: dict, file=sys.stdout) -> None:
+def print_summary(result: dict, file=None) -> None:
+    file = file or sys.stdout   # looked up per call: a default bound at import misses later redirections
     print(table(result["summary"]), file=file)
     print(table(result["summary"], "speedup_vs_ar"), file=file)

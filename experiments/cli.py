@@ -180,7 +180,8 @@ def command_roofline(args) -> int:
     return 0
 
 
-def print_crossover(entry: dict, file=sys.stdout) -> None:
+def print_crossover(entry: dict, file=None) -> None:
+    file = file or sys.stdout   # looked up per call: a default bound at import misses later redirections
     pred = entry["prediction"]
     print(f"predicted tokens/s (steady-state decoding, context {pred['context']:.0f}; acceptance "
           f"{sum(entry['acceptance']['accepted']) / max(1, len(entry['acceptance']['accepted'])) + 1:.2f} "

@@ -130,3 +130,26 @@ def roofline(points: list[dict], ceilings: dict, path: Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def training_curve(history: list[dict], path: Path) -> Path:
+    """Training loss (running mean over 25 steps) and held-out mean accepted length, against the step."""
+    steps = [h["step"] for h in history]
+    losses = [h["loss"] for h in history]
+    smooth = [sum(losses[max(0, i - 24): i + 1]) / len(losses[max(0, i - 24): i + 1]) for i in range(len(losses))]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(steps, losses, color="#bbbbbb", lw=0.6, label="per step")
+    left.plot(steps, smooth, color="#d62728", label="running mean (25)")
+    left.set_xlabel("step")
+    left.set_ylabel("calibrated cross-entropy (slots 2..B)")
+    left.legend()
+    evals = [h for h in history if "tau" in h]
+    right.plot([h["step"] for h in evals], [h["tau"] for h in evals], "o-", color="#d62728", label="calibrated")
+    right.plot([h["step"] for h in evals], [h.get("tau_raw") for h in evals], "s--", color="#1f77b4",
+               label="without calibration")
+    right.set_xlabel("step")
+    right.set_ylabel("held-out mean accepted length")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

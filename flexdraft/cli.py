@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--humaneval", type=int, default=164, help="how many HumanEval prompts")
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--out", default="reports/drafter/acceptance", help="output path stem (.json and .md)")
+    ev.add_argument("--training-state", default=None,
+                    help="a run's state/state.json: adds its configuration and held-out acceptance curve")
 
     tune = sub.add_parser("autotune", help="sweep kernel configurations on this GPU into autotune/configs/<device>.json")
     tune.add_argument("--out", default=None, help="store path (default: autotune/configs/<device>.json)")
@@ -187,7 +189,8 @@ def command_train(args) -> int:
 def command_evaluate(args) -> int:
     from flexdraft.evaluate import run
 
-    run(args.drafter, Path(args.out), args.mtbench, args.humaneval, args.max_new_tokens, args.model)
+    run(args.drafter, Path(args.out), args.mtbench, args.humaneval, args.max_new_tokens, args.model,
+        Path(args.training_state) if args.training_state else None)
     return 0
 
 

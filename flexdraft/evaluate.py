@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from flexdraft.errors import FlexDraftError
+
 CONFIGS = {"ar": dict(mode="ar"), "sequential": dict(mode="sequential"), "parallel": dict(mode="parallel"),
            "parallel, no calibration": dict(mode="parallel", calibration=False)}
 
@@ -74,7 +76,35 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def run(drafter: str, out: Path, mtbench: int, humaneval: int, max_new_tokens: int, model: str = "default") -> dict:
+def section_training(state_path: Path, out: Path) -> list[str]:
+    """The run behind the drafter: its configuration, corpus and held-out acceptance curve (from ``state.json``)."""
+    from experiments.plots import training_curve
+
+    try:
+        state = json.loads(state_path.read_text())
+        history, config = state["history"], state["config"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise FlexDraftError(f"cannot read the training state {state_path}: {exc}") from None
+    plot = training_curve(history, out.parent / f"{out.name}-training.png")
+    evals = [h for h in history if "tau" in h]
+    hours = (history[-1]["time"] - history[0]["time"]) / 3600 if len(history) > 1 else 0.0
+    lines = ["## Training run", "",
+             f"{state['step']} steps in this run ({hours:.1f} h of wall time), "
+             f"{config['sequences_per_step']} sequences x {config['blocks_per_sequence']} blocks per step, "
+             f"lr {config['lr']}, position decay {config['position_decay']}, seed {config['seed']}, "
+             f"bf16 autocast {config['bf16']}; drafter: {state['drafter_config']['num_tuned_layers']} tuned layers, "
+             f"block {state['drafter_config']['block_size']}, calibration rank "
+             f"{state['drafter_config']['calibration_rank']}.", ""]
+    if evals:
+        lines += ["| step | held-out mean accepted length | without calibration | loss |", "|---|---|---|---|"]
+        lines += [f"| {h['step']} | {h['tau']:.3f} | {h.get('tau_raw', float('nan')):.3f} | {h['loss']:.3f} |"
+                  for h in evals]
+        lines.append("")
+    return lines + [f"![training]({plot.name})", ""]
+
+
+def run(drafter: str, out: Path, mtbench: int, humaneval: int, max_new_tokens: int, model: str = "default",
+        training_state: Path | None = None) -> dict:
     from experiments.provenance import provenance
     from flexdraft.api import FlexDraft
     from flexdraft.assets import humaneval_prompts, mtbench_prompts
@@ -90,6 +120,9 @@ def run(drafter: str, out: Path, mtbench: int, humaneval: int, max_new_tokens: i
             "provenance": provenance()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(results, meta))
+    text = markdown(results, meta)
+    if training_state is not None:
+        text += "\n" + "\n".join(section_training(training_state, out))
+    out.with_suffix(".md").write_text(text)
     print(out.with_suffix(".md").read_text(), file=sys.stderr)
     return results

@@ -1,0 +1,47 @@
+"""``flexdraft evaluate``: every configuration measured on the same prompts, lossless against ar, and its report."""
+import json
+
+import pytest
+
+from flexdraft.errors import FlexDraftError
+from flexdraft.evaluate import CONFIGS, evaluate, markdown, position_acceptance, section_training
+
+
+def test_position_acceptance_counts_steps_that_went_past_draft_k():
+    # histogram[n] = steps that gained n tokens (bonus included): 3 steps gained 1, 2 gained 2, 1 gained 4
+    assert position_acceptance([0, 3, 2, 0, 1]) == [3 / 6, 1 / 6, 1 / 6]
+
+
+@pytest.mark.real_model
+def test_evaluate_runs_every_configuration_losslessly():
+    from flexdraft.api import FlexDraft
+    from flexdraft.assets import mtbench_prompts
+
+    fd = FlexDraft.load("default", "float32", "default")
+    results = evaluate(fd, {"MT-bench": mtbench_prompts()[:1]}, max_new_tokens=12, log=lambda m: None)
+    rows = results["MT-bench"]
+    assert set(rows) == set(CONFIGS)
+    assert all(r["outputs_differing_from_ar"] == 0 and r["new_tokens"] == rows["ar"]["new_tokens"] for r in rows.values())
+    assert rows["ar"]["mean_accepted"] == 1.0 and rows["parallel"]["mean_accepted"] >= 1.0
+    meta = {"drafter": "default", "max_new_tokens": 12,
+            "provenance": {"device_name": "cpu", "threads": 1, "versions": {"torch": "x"}, "git_commit": "abc",
+                           "command": "flexdraft evaluate"}}
+    text = markdown(results, meta)
+    assert "| parallel, no calibration |" in text and "| accepted |" in text
+
+
+def test_training_section_plots_the_held_out_curve(tmp_path):
+    history = [{"step": s, "loss": 5.0 - s / 100, "time": 1000.0 + 3 * s} for s in range(1, 101)]
+    history[49].update(tau=1.2, tau_raw=1.1)
+    history[99].update(tau=1.3, tau_raw=1.15)
+    state = {"step": 100, "history": history, "drafter_config": {"num_tuned_layers": 8, "block_size": 16,
+                                                                 "calibration_rank": 256},
+             "config": {"sequences_per_step": 4, "blocks_per_sequence": 16, "lr": 5e-4, "position_decay": 7.0,
+                        "seed": 0, "bf16": True}}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    lines = section_training(tmp_path / "state.json", tmp_path / "acceptance")
+    assert (tmp_path / "acceptance-training.png").stat().st_size > 1000
+    assert "| 100 | 1.300 | 1.150 | 4.000 |" in lines and "| 50 | 1.200 | 1.100 | 4.500 |" in lines
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(FlexDraftError, match="cannot read the training state"):
+        section_training(tmp_path / "state.json", tmp_path / "acceptance")

@@ -92,3 +92,18 @@ def test_shipped_drafter_refuses_another_target(tmp_path):
     other, _ = tiny_target("llama", seed=9)
     with pytest.raises(FlexDraftError, match="trained for another target"):
         Drafter.load(next(SHIPPED_DRAFTERS.iterdir()), other)
+
+
+def test_shipped_drafters_are_bf16_safetensors_within_the_size_bound():
+    """Committed drafters: bf16 safetensors, at most 40 MiB each (the repository's one allowed binary)."""
+    from safetensors import safe_open
+
+    from flexdraft.api import SHIPPED_DRAFTERS
+    from flexdraft.drafter import WEIGHTS_FILE
+
+    files = sorted(SHIPPED_DRAFTERS.glob(f"*/{WEIGHTS_FILE}"))
+    assert files
+    for path in files:
+        assert path.stat().st_size <= 40 * 2**20, f"{path} is {path.stat().st_size} bytes"
+        with safe_open(str(path), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face checkpoints of each supported family, saved as safetensors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -16,12 +17,22 @@ ALL_THREADS = torch.get_num_threads()
 torch.set_num_threads(1)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run a block with ``count`` torch threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _threads_for_real_model(request):
     if request.node.get_closest_marker("real_model"):
-        torch.set_num_threads(ALL_THREADS)
-        yield
-        torch.set_num_threads(1)
+        with torch_threads(ALL_THREADS):
+            yield
     else:
         yield
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import make_hf_model
+from conftest import make_hf_model, torch_threads
 from flexdraft.config import ModelConfig
 from flexdraft.errors import FlexDraftError
 from flexdraft.generate import pad_prompts
@@ -111,15 +111,11 @@ def test_linear_split_k_matches_plain_product(rows, threads, dtype, tol):
     from flexdraft.model import linear
 
     torch.manual_seed(rows * threads)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for k in (48, 50):
             x, w, b = torch.randn(rows, 1, k, dtype=dtype), torch.randn(k, 37, dtype=dtype), torch.randn(37, dtype=dtype)
             expected = (x.double() @ w.double() + b.double()).to(dtype)
             torch.testing.assert_close(linear(x, w, b), expected, rtol=tol, atol=tol * k ** 0.5)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_decoding_with_two_threads_matches_transformers(tiny_checkpoint):
@@ -129,13 +125,8 @@ def test_decoding_with_two_threads_matches_transformers(tiny_checkpoint):
     ours = load_model(path)
     torch.manual_seed(5)
     sequence = torch.randint(1, ours.config.vocab_size, (2, 9))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            cache = ours.new_cache(2, 16)
-            steps = [ours.logits(ours(sequence[:, t:t + 1], torch.full((2, 1), t), cache)[0]) for t in range(9)]
-            expected = hf(sequence).logits
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(2), torch.no_grad():
+        cache = ours.new_cache(2, 16)
+        steps = [ours.logits(ours(sequence[:, t:t + 1], torch.full((2, 1), t), cache)[0]) for t in range(9)]
+        expected = hf(sequence).logits
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-4)

@@ -124,6 +124,27 @@ def summarise(measurements: list[dict]) -> list[dict]:
     return rows
 
 
+def bench_with_setup(fd, cfg: BenchConfig, out: Path | None, *, model: str, dtype: str, drafter: str, backend: str,
+                     log=lambda message: None) -> dict:
+    """``run_bench`` with its set-up: what the run used goes into ``cfg.extra`` (flex's policy and store key when
+    flex runs), and transformers is loaded when a baseline is configured."""
+    cfg.extra = {"model": model, "dtype": dtype, "drafter": drafter, "backend": backend}
+    hf = None
+    if any(c.startswith("hf") for c in cfg.configs):
+        from flexdraft.api import DTYPES, resolve_model_path
+        from flexdraft.baselines import load_hf_model
+
+        hf = load_hf_model(resolve_model_path(model), DTYPES[dtype])
+    if "flex" in cfg.configs:
+        from experiments.crossover import entry_key, flex_policy
+
+        policy = flex_policy(fd.model, fd.drafter)
+        cfg.extra["flex_policy"] = {"source": policy.source, "choices": policy.describe(),
+                                    "store_key": entry_key(fd.model, fd.drafter)}
+        log(f"flex policy: {policy.describe()}  [{policy.source}]")
+    return run_bench(fd, hf, cfg, out, log)
+
+
 def run_bench(fd, hf, cfg: BenchConfig, out: Path | None = None, log=lambda message: None) -> dict:
     """Every applicable (setting, data set, batch size, repetition, configuration); written to ``out`` after each
     cell, so a run cut short keeps what it measured."""

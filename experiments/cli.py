@@ -198,7 +198,7 @@ def print_crossover(entry: dict, file=None) -> None:
 
 
 def command_bench(args) -> int:
-    from experiments.bench import CONFIGS, DATASETS, SETTINGS, SHORT, BenchConfig, print_summary, run_bench
+    from experiments.bench import CONFIGS, DATASETS, SETTINGS, SHORT, BenchConfig, bench_with_setup, print_summary
     from experiments.provenance import REPO, current_slug
 
     cfg = BenchConfig(**(SHORT if args.short else {}))
@@ -210,22 +210,9 @@ def command_bench(args) -> int:
     if cfg.max_new_tokens < 1 or cfg.repeats < 1 or cfg.prompts < 1:
         raise FlexDraftError("--max-new-tokens, --repeats and --prompts must be at least 1")
     fd, label = load_for_experiments(args)
-    cfg.extra = {"model": args.model, "dtype": args.dtype, "drafter": label, "backend": args.backend}
-    hf = None
-    if any(c.startswith("hf") for c in cfg.configs):
-        from flexdraft.api import DTYPES, resolve_model_path
-        from flexdraft.baselines import load_hf_model
-
-        hf = load_hf_model(resolve_model_path(args.model), DTYPES[args.dtype])
     out = Path(args.out) if args.out else REPO / "reports" / current_slug(fd.model.device) / "bench.json"
-    if "flex" in cfg.configs:
-        from experiments.crossover import entry_key, flex_policy
-
-        policy = flex_policy(fd.model, fd.drafter)
-        cfg.extra["flex_policy"] = {"source": policy.source, "choices": policy.describe(),
-                                    "store_key": entry_key(fd.model, fd.drafter)}
-        print(f"flex policy: {policy.describe()}  [{policy.source}]", file=sys.stderr)
-    result = run_bench(fd, hf, cfg, out, log=lambda m: print(m, file=sys.stderr))
+    result = bench_with_setup(fd, cfg, out, model=args.model, dtype=args.dtype, drafter=label, backend=args.backend,
+                              log=lambda m: print(m, file=sys.stderr))
     print_summary(result)
     print(f"wrote {out}")
     return 0

@@ -12,13 +12,12 @@ DEMO_DIR = Path("runs") / "demo"   # not the committed reports/: a demo run must
 
 def run_demo(num_prompts: int = 4, max_new_tokens: int = 64, out: Path = DEMO_DIR, bench: dict | None = None) -> int:
     """``bench``: BenchConfig fields replacing the ``SHORT`` preset's (the test runs a tiny sweep)."""
-    from experiments.bench import SHORT, BenchConfig, print_summary, run_bench
-    from experiments.crossover import entry_key, flex_policy, store_file
+    from experiments.bench import SHORT, BenchConfig, bench_with_setup, print_summary
+    from experiments.crossover import store_file
     from experiments.provenance import current_slug
     from experiments.report import write_report
-    from flexdraft.api import FlexDraft, resolve_model_path, shipped_drafter_for
+    from flexdraft.api import FlexDraft, shipped_drafter_for
     from flexdraft.assets import mtbench_prompts
-    from flexdraft.baselines import load_hf_model
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     log("loading the default model (SmolLM2-135M-Instruct) ...")
@@ -34,14 +33,10 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 64, out: Path = DEMO_DI
         print(f"\n### {prompt}\n{answer['text'].strip()}")
 
     cfg = BenchConfig(**{**SHORT, **(bench or {})})
-    policy = flex_policy(fd.model, fd.drafter)
-    cfg.extra = {"model": "default", "dtype": "float32", "drafter": str(drafter_path or "untrained"),
-                 "backend": "torch", "flex_policy": {"source": policy.source, "choices": policy.describe(),
-                                 "store_key": entry_key(fd.model, fd.drafter)}}
     log(f"\nshort benchmark: {', '.join(cfg.configs)} at batch {', '.join(map(str, cfg.batch_sizes))} "
-        f"({torch.get_num_threads()} threads); flex policy: {policy.describe()} [{policy.source}]")
-    hf = load_hf_model(resolve_model_path("default"), torch.float32)
-    result = run_bench(fd, hf, cfg, out / "bench.json", log=log)
+        f"({torch.get_num_threads()} threads)")
+    result = bench_with_setup(fd, cfg, out / "bench.json", model="default", dtype="float32",
+                              drafter=str(drafter_path or "untrained"), backend="torch", log=log)
     store = store_file(current_slug(fd.model.device))
     readme = write_report(out / "bench.json", store if store.is_file() else None, [], out)
     print()

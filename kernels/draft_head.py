@@ -40,7 +40,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def calibrated_logits(hidden, norm_weight, eps, lm_head, bonus_emb=None, calibration=None):
-    normed = rms_norm(hidden, norm_weight, eps)
+    # The products run in the weights' dtype (a CPU drafter passes bf16 copies: see ``Drafter.head_weights``).
+    normed = rms_norm(hidden, norm_weight, eps).to(lm_head.dtype)
     logits = F.linear(normed, lm_head)
     if calibration is not None and bonus_emb is not None:
         w1, b1, w2, b2 = calibration

@@ -107,3 +107,23 @@ def test_shipped_drafters_are_bf16_safetensors_within_the_size_bound():
         assert path.stat().st_size <= 40 * 2**20, f"{path} is {path.stat().st_size} bytes"
         with safe_open(str(path), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_head_weights_are_bf16_copies_on_a_cpu_and_follow_training(target):
+    """The engine's draft head on a CPU reads bf16 copies; an in-place update (an optimizer step) remakes them."""
+    from kernels import backend
+
+    drafter = Drafter.initialise(target, num_tuned_layers=1, block_size=4, calibration_rank=8, seed=0)
+    lm_head, calibration = drafter.head_weights(target)
+    assert lm_head.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in calibration)
+    assert torch.equal(lm_head, target.lm_head.bfloat16()) and torch.equal(calibration[2], drafter.calib_w2.bfloat16())
+    assert drafter.head_weights(target)[0] is lm_head            # made once
+    with torch.no_grad():
+        drafter.calib_w2.add_(1.0)
+    assert torch.equal(drafter.head_weights(target)[1][2], drafter.calib_w2.bfloat16())
+    previous = backend.get_backend()
+    backend.set_backend("triton")   # the kernels take the weights as they are
+    try:
+        assert drafter.head_weights(target)[0] is target.lm_head
+    finally:
+        backend.set_backend(previous)

@@ -85,6 +85,16 @@ def test_matches_reference_low_precision(dtype, params):
     check(run(args, kwargs, SMALL), draft_head_reference(*args, **kwargs), args, kwargs, dtype)
 
 
+@pytest.mark.parametrize("params", [GREEDY, TEMPERATURE], ids=["greedy", "temperature"])
+def test_reference_with_bf16_weights_for_an_fp32_model(params):
+    """The CPU engine's head: fp32 hidden states, bf16 copies of the vocabulary weights (``Drafter.head_weights``).
+    It must stay within bf16 error of the all-fp32 head."""
+    args, kwargs = make_head(17, torch.float32, seed=11, params=params)
+    hidden, norm_weight, eps, lm_head, bonus_emb, calibration = args
+    low = (hidden, norm_weight, eps, lm_head.bfloat16(), bonus_emb, tuple(w.bfloat16() for w in calibration))
+    check(draft_head_reference(*low, **kwargs), draft_head_reference(*args, **kwargs), args, kwargs, torch.bfloat16)
+
+
 def test_float32_race_noise():
     args, kwargs = make_head(17, torch.float32, seed=8, params=TEMPERATURE, noise_dtype=torch.float32)
     check(run(args, kwargs, SMALL), draft_head_reference(*args, **kwargs), args, kwargs, torch.float32)

@@ -66,13 +66,16 @@ class Shape:
     head_dim: int
     rank: int
     itemsize: int
+    head_itemsize: int | None = None   # the draft head's weights where they differ (bf16 copies on a CPU)
 
     @classmethod
     def of(cls, model, drafter) -> "Shape":
         c = model.config
+        head_itemsize = drafter.head_weights(model)[0].dtype.itemsize
         return cls(c.num_layers, c.num_layers - drafter.split_layer, drafter.block_size, c.hidden_size,
                    c.intermediate_size, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                   drafter.config.calibration_rank, model.dtype.itemsize)
+                   drafter.config.calibration_rank, model.dtype.itemsize,
+                   None if head_itemsize == model.dtype.itemsize else head_itemsize)
 
     @property
     def attn_params(self) -> int:
@@ -117,7 +120,7 @@ def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[floa
                 s.itemsize * s.tuned * s.layer_params + s.kv_bytes(s.tuned, batch * context))
     if op == "head":
         rows = batch * (s.block - 1)
-        return 2.0 * rows * s.head_params, s.itemsize * (s.head_params + rows * s.vocab)
+        return 2.0 * rows * s.head_params, (s.head_itemsize or s.itemsize) * (s.head_params + rows * s.vocab)
     if op == "verify":
         return float(batch * tokens * s.vocab), float(batch * tokens * s.vocab * s.itemsize)
     if op == "prefill":

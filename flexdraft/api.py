@@ -173,8 +173,11 @@ class FlexDraft:
             chunk = prompt_ids[first: first + batch_size]
             seeds = torch.arange(first, first + len(chunk)) + seed * 1_000_003
             stop_lists = [stops] * len(chunk)
-            if mode == "ar":
+            # Batches only shrink: flex choosing ar at every size this chunk can reach is plain ar (no drafter work).
+            if mode == "ar" or (mode == "flex" and all(step_mode(b)[0] == "ar" for b in range(1, len(chunk) + 1))):
                 batch, stats = generate_ar(self.model, chunk, max_new_tokens, params, stop_lists, seeds)
+                if mode == "flex":
+                    stats.mode_steps["ar"] = stats.target_forwards - 1
             else:
                 batch, stats = generate_speculative(self.model, self.drafter, chunk, max_new_tokens, params,
                                                     stop_lists, seeds, step_mode, spec)

@@ -127,6 +127,41 @@ def test_flex_by_batch_size_is_lossless_as_the_batch_shrinks(tiny, batch_size):
         assert len(stats.mode_steps) >= 3       # sequential, ar and parallel all ran while the batch shrank
 
 
+@pytest.mark.parametrize("choices, speculative_runs", [({1: ("ar", None)}, False),
+                                                        ({1: ("ar", None), 2: ("sequential", None)}, True)],
+                         ids=["ar-everywhere", "sequential-from-2"])
+def test_flex_that_picks_ar_everywhere_runs_the_plain_ar_loop(tiny, monkeypatch, choices, speculative_runs):
+    """The CPU's measured case: no drafter work at all where flex picks ar at every batch size a chunk can reach."""
+    import experiments.crossover
+    import flexdraft.speculative
+    from flexdraft.api import FlexDraft
+
+    model, drafter = tiny
+
+    class Tokenizer:   # what generate needs of one: stop tokens and text
+        eos_token_id = None
+
+        def get_vocab(self):
+            return {}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    calls = []
+    original = flexdraft.speculative.generate_speculative
+    monkeypatch.setattr(flexdraft.speculative, "generate_speculative",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(experiments.crossover, "flex_policy", lambda *_: FlexPolicy(choices, "test"))
+    fd = FlexDraft(model, Tokenizer(), "tiny", drafter)
+    prompts = random_prompts(model.config.vocab_size, [3, 8, 5], seed=11)
+    ar = fd.generate(prompt_ids=prompts, mode="ar", max_new_tokens=10, batch_size=2)
+    flex = fd.generate(prompt_ids=prompts, mode="flex", max_new_tokens=10, batch_size=2)
+    assert [o["token_ids"] for o in flex.outputs] == [o["token_ids"] for o in ar.outputs]
+    assert bool(calls) == speculative_runs
+    if not speculative_runs:
+        assert flex.stats.mode_steps == {"ar": flex.stats.target_forwards - 2} and flex.stats.mask_tokens == 0
+
+
 # The stated tolerance on this shared 2-core CPU: the geometric mean of predicted / measured tokens/s within 25% of 1
 # (a systematic modelling error shows there) and every point within a factor of 1.75. Cost points and engine runs
 # are timed interleaved, one pass over all of them per repetition, in this thread's CPU time (tests run torch on

@@ -71,11 +71,11 @@ class Shape:
     @classmethod
     def of(cls, model, drafter) -> "Shape":
         c = model.config
-        head_itemsize = drafter.head_weights(model)[0].dtype.itemsize
+        head_dtype = drafter.head_dtype(model)
         return cls(c.num_layers, c.num_layers - drafter.split_layer, drafter.block_size, c.hidden_size,
                    c.intermediate_size, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim,
                    drafter.config.calibration_rank, model.dtype.itemsize,
-                   None if head_itemsize == model.dtype.itemsize else head_itemsize)
+                   None if head_dtype == model.dtype else head_dtype.itemsize)
 
     @property
     def attn_params(self) -> int:

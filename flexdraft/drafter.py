@@ -84,21 +84,28 @@ class Drafter(nn.Module):
     def calibration(self):
         return self.calib_w1, self.calib_b1, self.calib_w2, self.calib_b2
 
-    def head_weights(self, target: Transformer):
-        """(lm_head, calibration) for the engine's draft head.
-
-        On a CPU with an fp32 target and the torch backend these are bf16 copies, made once and remade when a weight changes in place:
-        drafts are only proposals that verification checks exactly, so their precision cannot change the output,
-        and this CPU's bf16 GEMM runs the head's few-row vocabulary products 3-8x faster than fp32 (measured:
-        15 slots x 49152 words, fp32 ~35 ms, bf16 ~8 ms; fp32 small-row products are compute-bound here)."""
+    def head_dtype(self, target: Transformer) -> torch.dtype:
+        """The dtype the engine's draft head computes in: bf16 on a CPU with an fp32 target and the torch backend,
+        the target's own elsewhere. Drafts are only proposals that verification checks exactly, so their precision
+        cannot change the output, and this CPU's bf16 GEMM runs the head's few-row vocabulary products 3-8x faster
+        than fp32 (measured: 15 slots x 49152 words, fp32 ~35 ms, bf16 ~8 ms; fp32 few-row products are
+        compute-bound here)."""
         from kernels import backend
 
+        if target.device.type == "cpu" and target.dtype == torch.float32 and not backend.use_triton():
+            return torch.bfloat16
+        return target.dtype
+
+    def head_weights(self, target: Transformer):
+        """(lm_head, calibration) for the engine's draft head, in ``head_dtype``: copies where that differs from the
+        target's, made once and remade when a weight changes in place (an optimizer step)."""
         weights = (target.lm_head, *self.calibration)
-        if target.device.type != "cpu" or target.dtype != torch.float32 or backend.use_triton():
+        dtype = self.head_dtype(target)
+        if dtype == target.dtype:
             return weights[0], weights[1:]
         versions = tuple((id(w), w.data_ptr(), w._version) for w in weights)
         if getattr(self, "_head_versions", None) != versions:
-            self._head_copies = tuple(w.detach().to(torch.bfloat16) for w in weights)
+            self._head_copies = tuple(w.detach().to(dtype) for w in weights)
             self._head_versions = versions
         return self._head_copies[0], self._head_copies[1:]
 

@@ -67,6 +67,7 @@ class Shape:
     rank: int
     itemsize: int
     head_itemsize: int | None = None   # the draft head's weights where they differ (bf16 copies on a CPU)
+    draft_vocab: int | None = None     # the words the draft head scores, where fewer than the target's
 
     @classmethod
     def of(cls, model, drafter) -> "Shape":
@@ -75,7 +76,7 @@ class Shape:
         return cls(c.num_layers, c.num_layers - drafter.split_layer, drafter.block_size, c.hidden_size,
                    c.intermediate_size, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim,
                    drafter.config.calibration_rank, model.dtype.itemsize,
-                   None if head_dtype == model.dtype else head_dtype.itemsize)
+                   None if head_dtype == model.dtype else head_dtype.itemsize, drafter.config.draft_vocab_size)
 
     @property
     def attn_params(self) -> int:
@@ -86,8 +87,12 @@ class Shape:
         return self.attn_params + 3 * self.hidden * self.intermediate
 
     @property
+    def head_vocab(self) -> int:
+        return self.draft_vocab or self.vocab
+
+    @property
     def head_params(self) -> int:
-        return self.vocab * self.hidden + 2 * self.hidden * self.rank + self.rank * self.vocab
+        return self.head_vocab * self.hidden + 2 * self.hidden * self.rank + self.rank * self.head_vocab
 
     def attention_flops(self, queries: float, keys: float) -> float:
         return 4.0 * self.heads * self.head_dim * queries * keys     # QK^T and PV, one layer
@@ -120,7 +125,7 @@ def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[floa
                 s.itemsize * s.tuned * s.layer_params + s.kv_bytes(s.tuned, batch * context))
     if op == "head":
         rows = batch * (s.block - 1)
-        return 2.0 * rows * s.head_params, (s.head_itemsize or s.itemsize) * (s.head_params + rows * s.vocab)
+        return 2.0 * rows * s.head_params, (s.head_itemsize or s.itemsize) * (s.head_params + rows * s.head_vocab)
     if op == "verify":
         return float(batch * tokens * s.vocab), float(batch * tokens * s.vocab * s.itemsize)
     if op == "prefill":

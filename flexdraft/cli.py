@@ -171,7 +171,7 @@ def command_train(args) -> int:
 
     from flexdraft.api import FlexDraft
     from flexdraft.data import corpus_path, read_corpus, split_corpus
-    from flexdraft.train import TrainConfig, train
+    from flexdraft.train import TrainConfig, split_states_path, train
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if config.steps < 1 or config.block_size < 2 or config.sequences_per_step < 1:
@@ -181,7 +181,8 @@ def command_train(args) -> int:
     rows, held_out = split_corpus(read_corpus(path))
     print(f"corpus {path}: {len(rows)} training and {len(held_out)} held-out responses", file=sys.stderr)
     train(fd.model, rows, held_out, Path(args.out), config, resume=not args.fresh,
-          log=lambda m: print(m, file=sys.stderr), init_from=Path(args.init_from) if args.init_from else None)
+          log=lambda m: print(m, file=sys.stderr), init_from=Path(args.init_from) if args.init_from else None,
+          states_dir=split_states_path(path))
     print(Path(args.out) / "drafter")
     return 0
 

@@ -3,6 +3,12 @@
 Mask tokens enter at ``split_layer = N - L`` as ``mask_embedding`` and, in the tuned layers, use this module's
 projectors; the MLPs, norms and ``lm_head`` stay the target's, shared and frozen. The bonus-guided calibration MLP
 (``Linear(2h -> r) -> SiLU -> Linear(r -> vocab)``) corrects the draft logits with the resolved bonus token.
+
+A drafter may draft from a *draft vocabulary*: the most frequent tokens of its training corpus (EAGLE-3 and FR-Spec
+do the same). Its head then reads only those rows of ``lm_head`` and its calibration MLP outputs only those words,
+which makes the head several times cheaper to run and to train and the checkpoint smaller. Verification still runs
+over the target's whole vocabulary, so nothing about losslessness changes: a token outside the draft vocabulary is
+simply never proposed (q = 0 there), and speculative sampling's residual max(p - q, 0) covers it exactly.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ class DrafterConfig:
     block_size: int = 16
     calibration_rank: int = 256
     target: dict = field(default_factory=dict)  # the identity of the target it was trained for
+    draft_vocab_size: int | None = None         # None: draft from the target's whole vocabulary
 
     @staticmethod
     def default_tuned_layers(num_layers: int) -> int:
@@ -71,7 +78,12 @@ class Drafter(nn.Module):
         for attn in self.tuned:
             for p in attn.parameters():
                 p.requires_grad_(True)
-        r, h, v = config.calibration_rank, c.hidden_size, c.vocab_size
+        r, h, v = config.calibration_rank, c.hidden_size, config.draft_vocab_size or c.vocab_size
+        if not 1 <= v <= c.vocab_size:
+            raise FlexDraftError(f"draft vocabulary size must be in [1, {c.vocab_size}], got {v}")
+        self.target_vocab_size = c.vocab_size
+        # The target's token ids the head drafts from, ascending (None: all of them, in the target's order).
+        self.register_buffer("draft_vocab", torch.arange(v) if config.draft_vocab_size else None)
         self.calib_w1 = nn.Parameter(torch.zeros(r, 2 * h))
         self.calib_b1 = nn.Parameter(torch.zeros(r))
         self.calib_w2 = nn.Parameter(torch.zeros(v, r))
@@ -83,6 +95,30 @@ class Drafter(nn.Module):
     @property
     def calibration(self):
         return self.calib_w1, self.calib_b1, self.calib_w2, self.calib_b2
+
+    # ---- the draft vocabulary -------------------------------------------------------------------------------------
+    def vocab_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The rows of a [V, ...] target matrix (``lm_head``) that the head drafts from."""
+        return weight if self.draft_vocab is None else weight[self.draft_vocab]
+
+    def target_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary indices -> the target's token ids."""
+        return indices if self.draft_vocab is None else self.draft_vocab[indices]
+
+    def draft_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The target's token ids -> draft-vocabulary indices, -1 for a token the head cannot draft."""
+        if self.draft_vocab is None:
+            return token_ids
+        lookup = torch.full((self.target_vocab_size,), -1, dtype=torch.int64, device=token_ids.device)
+        lookup[self.draft_vocab] = torch.arange(len(self.draft_vocab), device=token_ids.device)
+        return lookup[token_ids]
+
+    def on_target_vocab(self, probs: torch.Tensor) -> torch.Tensor:
+        """q over the draft vocabulary [..., Vd] -> over the target's [..., V], zero where the head cannot draft."""
+        if self.draft_vocab is None:
+            return probs
+        full = probs.new_zeros(*probs.shape[:-1], self.target_vocab_size)
+        return full.index_copy_(-1, self.draft_vocab, probs)
 
     def head_dtype(self, target: Transformer) -> torch.dtype:
         """The dtype the engine's draft head computes in: bf16 on a CPU with an fp32 target and the torch backend,
@@ -97,28 +133,34 @@ class Drafter(nn.Module):
         return target.dtype
 
     def head_weights(self, target: Transformer):
-        """(lm_head, calibration) for the engine's draft head, in ``head_dtype``: copies where that differs from the
-        target's, made once and remade when a weight changes in place (an optimizer step)."""
-        weights = (target.lm_head, *self.calibration)
+        """(lm_head rows of the draft vocabulary, calibration) for the engine's draft head, in ``head_dtype``:
+        copies where they differ from the target's, made once and remade when a weight changes in place (an
+        optimizer step, a load)."""
         dtype = self.head_dtype(target)
-        if dtype == target.dtype:
-            return weights[0], weights[1:]
-        versions = tuple((id(w), w.data_ptr(), w._version) for w in weights)
+        if dtype == target.dtype and self.draft_vocab is None:
+            return target.lm_head, self.calibration
+        sources = (target.lm_head, *self.calibration) + (() if self.draft_vocab is None else (self.draft_vocab,))
+        versions = tuple((id(w), w.data_ptr(), w._version) for w in sources)
         if getattr(self, "_head_versions", None) != versions:
-            self._head_copies = tuple(w.detach().to(dtype) for w in weights)
+            self._head_copies = tuple(w.detach().to(dtype) for w in (self.vocab_rows(target.lm_head), *self.calibration))
             self._head_versions = versions
         return self._head_copies[0], self._head_copies[1:]
 
     # ---- construction ---------------------------------------------------------------------------------------------
     @classmethod
     def initialise(cls, target: Transformer, num_tuned_layers: int | None = None, block_size: int = 16,
-                   calibration_rank: int = 256, seed: int = 0) -> "Drafter":
-        """A fresh drafter: projector copies equal the target's; calibration starts as a no-op (zero output layer)."""
+                   calibration_rank: int = 256, seed: int = 0, draft_vocab: list[int] | None = None) -> "Drafter":
+        """A fresh drafter: projector copies equal the target's; calibration starts as a no-op (zero output layer).
+        ``draft_vocab``: the target token ids to draft from (None: all)."""
         tuned = num_tuned_layers or DrafterConfig.default_tuned_layers(target.config.num_layers)
-        config = DrafterConfig(tuned, block_size, calibration_rank, model_identity(target))
+        vocab = None if draft_vocab is None else sorted(set(int(t) for t in draft_vocab))
+        config = DrafterConfig(tuned, block_size, calibration_rank, model_identity(target),
+                               None if vocab is None else len(vocab))
         drafter = cls(target, config).to(device=target.device, dtype=target.dtype)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
+            if vocab is not None:
+                drafter.draft_vocab.copy_(torch.tensor(vocab))
             for i, attn in enumerate(drafter.tuned):
                 attn.load_state_dict(target.layers[drafter.split_layer + i].attn.state_dict())
             # A mask vector at the scale of the residual stream (a tiny one leaves masks a thousand times too small).
@@ -134,7 +176,8 @@ class Drafter(nn.Module):
         from safetensors.torch import save_file
 
         with atomic_directory(path) as tmp:
-            tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+            tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.to(torch.int32)).contiguous()
+                       for k, v in self.state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
 
@@ -165,4 +208,9 @@ class Drafter(nn.Module):
             drafter.load_state_dict(tensors)
         except RuntimeError as exc:
             raise FlexDraftError(f"drafter weights {path / WEIGHTS_FILE} do not fit its config: {exc}".splitlines()[0]) from None
+        vocab = drafter.draft_vocab
+        if vocab is not None and not (bool((vocab >= 0).all()) and bool((vocab < identity["vocab_size"]).all())
+                                      and bool((vocab[1:] > vocab[:-1]).all())):
+            raise FlexDraftError(f"corrupt drafter weights {path / WEIGHTS_FILE}: the draft vocabulary is not a set of "
+                                 f"the target's token ids")
         return drafter.to(device=target.device, dtype=target.dtype).eval()

@@ -199,17 +199,21 @@ class Transformer(nn.Module):
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                masks: MaskStream | None = None, drafter=None,
-                stop_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                masks: MaskStream | None = None, drafter=None, stop_layer: int | None = None,
+                start: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one step; returns the final hidden states of the clean tokens [B, Tc, h] and of the masks [B, Tm, h].
-        ``stop_layer`` returns the residual stream entering that layer instead (drafter initialisation uses it).
+        ``stop_layer`` returns the residual stream entering that layer instead; ``start = (layer, hidden [B, Tc, h])``
+        resumes the clean tokens from such a stored stream (training stores it once: the first layers never change).
 
         tokens, positions [B, Tc]: clean tokens (Tc may be 0: a draft-only pass starts at the split layer).
         Their K/V are written into the cache at their positions before attending, so causality is ``kv <= position``.
         """
         num_clean = tokens.shape[1]
-        first = drafter.split_layer if (num_clean == 0 and drafter is not None) else 0
-        hidden = self.embed[tokens] if num_clean else None
+        if start is not None:
+            first, hidden = start
+        else:
+            first = drafter.split_layer if (num_clean == 0 and drafter is not None) else 0
+            hidden = self.embed[tokens] if num_clean else None
         cos_c, sin_c = self.rope(positions) if num_clean else (None, None)
         if masks is not None:
             cos_m, sin_m = self.rope(masks.positions)

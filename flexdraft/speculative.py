@@ -94,13 +94,14 @@ def next_drafts(model: Transformer, drafter: Drafter, block_hidden: torch.Tensor
     B, Bs, h = block_hidden.shape
     slots = block_hidden[:, 1:].reshape(B * (Bs - 1), h)
     bonus_emb = model.embed[bonus].repeat_interleave(Bs - 1, dim=0)
-    noise = None if params.greedy else streams.exponential((Bs - 1) * model.config.vocab_size).view(B * (Bs - 1), -1)
-    lm_head, calibration = drafter.head_weights(model)
-    tokens, _, max_prob, probs = draft_head(
+    lm_head, calibration = drafter.head_weights(model)   # lm_head: the rows of the draft vocabulary
+    noise = None if params.greedy else streams.exponential((Bs - 1) * lm_head.shape[0]).view(B * (Bs - 1), -1)
+    indices, _, max_prob, probs = draft_head(
         slots, model.norm, model.config.rms_norm_eps, lm_head, bonus_emb,
         calibration if spec.calibration else None, params=params, race_noise=noise)
-    return Drafts(tokens.view(B, Bs - 1), max_prob.view(B, Bs - 1).float(),
-                  None if probs is None else probs.view(B, Bs - 1, -1))
+    # Verification reads q over the target's vocabulary (zero where the head cannot draft).
+    return Drafts(drafter.target_ids(indices).view(B, Bs - 1), max_prob.view(B, Bs - 1).float(),
+                  None if probs is None else drafter.on_target_vocab(probs).view(B, Bs - 1, -1))
 
 
 def verify(logits: torch.Tensor, drafts: Drafts, num_drafts: torch.Tensor, kv_len: torch.Tensor,

@@ -1,18 +1,22 @@
 """``flexdraft train``: attention tuning and bonus-guided calibration on a self-distilled corpus.
 
-One training step, for a few corpus sequences at once:
-1. the clean sequence runs once through the frozen target, without gradients, filling a KV cache (the clean tokens
-   never see masks, so their K/V in the tuned layers are fixed);
+Before the first step, the frozen target's residual stream entering the split layer is computed once for every
+corpus token and kept (``split_states``; on disk across runs): clean tokens never see masks, so nothing below the
+split ever changes. One training step, for a few corpus sequences at once:
+1. the clean sequences resume from those states through the tuned layers only, without gradients, filling a KV cache
+   (their K/V there are fixed too);
 2. many mask blocks, one after each random anchor, run through the tuned layers in one pass: exactly the runtime's
    draft pass (``Transformer.forward`` with a ``MaskStream``), so training and decoding share one attention rule;
-3. the loss is cross-entropy on slots 2..B_s against the target's own tokens, for the raw draft logits and for the
-   logits calibrated with the true token at slot 1 (the bonus), with optional position-decayed weights.
+3. the loss is cross-entropy on slots 2..B_s against the target's own tokens, over the drafter's draft vocabulary
+   (the corpus's most frequent tokens), for the logits calibrated with the true token at slot 1 (the bonus) and
+   optionally the raw ones, with position-decayed weights.
 Checkpoints are atomic and carry the optimizer and the step, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from flexdraft.drafter import Drafter, DrafterConfig, atomic_directory
 from flexdraft.errors import FlexDraftError
 from flexdraft.model import MaskStream, Transformer, model_identity
-from kernels.draft_head import rms_norm
+from kernels.draft_head import calibration_logits, rms_norm
 
 STATE_WEIGHTS, STATE_OPTIMIZER, STATE_JSON = "drafter_fp32.safetensors", "optimizer.safetensors", "state.json"
 
@@ -41,6 +45,8 @@ class TrainConfig:
     warmup_steps: int = 20
     position_decay: float = 7.0      # slot weight exp(-(k-1)/decay) for draft k; 0 switches it off
     raw_loss_weight: float = 0.0     # > 0 also trains the uncalibrated logits directly (costs a second softmax)
+    draft_vocab: int = 16384         # a fresh drafter drafts from the corpus's most frequent tokens; 0: all
+    kl_weight: float = 0.0           # > 0 adds cross-entropy against the target's own distribution at each slot
     eval_every: int = 50
     eval_sequences: int = 24
     save_every: int = 25
@@ -48,16 +54,96 @@ class TrainConfig:
     bf16: bool = True
 
 
-# ---- one batch of sequences --------------------------------------------------------------------------------------
+# ---- the corpus, and the frozen target's states at the split -----------------------------------------------------
+def row_tokens(row: dict) -> list[int]:
+    return row["prompt_ids"] + row["response_ids"]
+
+
+def row_key(row: dict) -> str:
+    """A row's name in the state store: its tokens (so a store can never be stale for a row)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(row_tokens(row)).encode()).hexdigest()[:20]
+
+
 def pad_sequences(rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """tokens [B, T] (prompt + response), their lengths, and where each response starts."""
-    seqs = [r["prompt_ids"] + r["response_ids"] for r in rows]
+    seqs = [row_tokens(r) for r in rows]
     lengths = torch.tensor([len(s) for s in seqs], device=device)
     starts = torch.tensor([len(r["prompt_ids"]) for r in rows], device=device)
     tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.int64, device=device)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s)
     return tokens, lengths, starts
+
+
+def frequent_tokens(rows: list[dict], size: int, vocab_size: int) -> list[int] | None:
+    """The draft vocabulary: the ``size`` most frequent response tokens, topped up with the lowest unseen ids;
+    None (the whole vocabulary) when ``size`` is 0 or covers it."""
+    from collections import Counter
+
+    if size <= 0 or size >= vocab_size:
+        return None
+    counts = Counter(t for r in rows for t in r["response_ids"])
+    chosen = [t for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:size]]
+    taken = set(chosen)
+    chosen += [t for t in range(vocab_size) if t not in taken][: size - len(chosen)]
+    return chosen
+
+
+class SplitStates:
+    """The frozen target's residual stream entering ``layer`` for every token of every corpus row (bf16).
+
+    Clean tokens never see masks, so these states never change while a drafter trains: each is computed once, and
+    a step runs only the layers from ``layer`` on. ``directory`` keeps them across runs, a file per layer (rows are
+    keyed by their tokens, so a grown corpus computes only its new rows)."""
+
+    def __init__(self, model: Transformer, layer: int, rows: list[dict], directory: Path | None = None,
+                 batch: int = 16, bf16: bool = True):
+        from safetensors.torch import load_file, save_file
+        from tqdm import tqdm
+
+        self.layer = layer
+        path = None if directory is None else Path(directory) / f"layer{layer}.safetensors"
+        self.states: dict[str, torch.Tensor] = {}
+        if path is not None and path.exists():
+            try:
+                self.states = load_file(str(path))
+            except Exception:  # a torn or foreign file: recompute it rather than fail the run
+                self.states = {}
+        todo = {row_key(r): r for r in rows if row_key(r) not in self.states}
+        ordered = sorted(todo.items(), key=lambda item: len(row_tokens(item[1])))   # little padding per batch
+        with torch.no_grad(), tqdm(total=len(ordered), desc=f"target states at layer {layer}", unit="row",
+                                   disable=len(ordered) < 64) as bar:
+            for first in range(0, len(ordered), batch):
+                chunk = ordered[first: first + batch]
+                tokens, lengths, _ = pad_sequences([r for _, r in chunk], model.device)
+                positions = torch.arange(tokens.shape[1], device=model.device)[None].expand_as(tokens)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and model.device.type == "cpu"):
+                    hidden, _ = model(tokens, positions, model.new_cache(*tokens.shape), stop_layer=layer)
+                for i, (key, _) in enumerate(chunk):
+                    self.states[key] = hidden[i, : int(lengths[i])].to(torch.bfloat16).contiguous()
+                bar.update(len(chunk))
+        if path is not None and todo:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(self.states, str(tmp))
+            os.replace(tmp, path)   # atomic: an interrupt leaves the old store or the new one
+
+    def batch(self, rows: list[dict], tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """``(layer, hidden [B, T, h])`` for ``Transformer.forward(start=...)``; padding rows are zeros."""
+        hidden = torch.zeros(*tokens.shape, self.states[row_key(rows[0])].shape[-1], device=tokens.device)
+        for i, r in enumerate(rows):
+            state = self.states[row_key(r)]
+            hidden[i, : state.shape[0]] = state.float()
+        return self.layer, hidden
+
+
+def split_states_path(corpus: Path) -> Path:
+    """Where ``SplitStates`` of a corpus live between runs: the cache, never the repository."""
+    from flexdraft.assets import cache_dir
+
+    return cache_dir() / "states" / Path(corpus).stem
 
 
 def sample_anchors(lengths, starts, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -70,19 +156,33 @@ def sample_anchors(lengths, starts, count: int, generator: torch.Generator) -> t
 
 
 @torch.no_grad()
-def clean_cache(model: Transformer, tokens: torch.Tensor, bf16: bool = False):
-    """The frozen target's K/V of the clean tokens (all layers; the tuned ones are what masks attend to)."""
+def clean_pass(model: Transformer, tokens: torch.Tensor, bf16: bool = False, start=None):
+    """The frozen target over the clean tokens: (its KV cache, whose tuned layers are what masks attend to; the
+    final hidden states [B, T, h]). ``start`` (from ``SplitStates.batch``) resumes from the stored states instead
+    of running every layer."""
     cache = model.new_cache(tokens.shape[0], tokens.shape[1])
     positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and model.device.type == "cpu"):
-        model(tokens, positions, cache)
-    return cache
+        hidden, _ = model(tokens, positions, cache, start=start)
+    return cache, hidden
+
+
+@torch.no_grad()
+def target_distribution(model, drafter, clean_hidden, label_pos) -> torch.Tensor:
+    """The target's own next-token distribution at every labelled slot, over the draft vocabulary (renormalised):
+    the soft labels of the KL term. [B, G, Bs-1] positions -> [B, G, Bs-1, Vd]."""
+    B, G, S = label_pos.shape
+    before = (label_pos - 1).clamp(max=clean_hidden.shape[1] - 1).flatten(1)
+    hidden = clean_hidden.gather(1, before[..., None].expand(-1, -1, clean_hidden.shape[-1]))
+    normed = rms_norm(hidden, model.norm, model.config.rms_norm_eps)
+    return torch.softmax(F.linear(normed, drafter.vocab_rows(model.lm_head)).float(), dim=-1).view(B, G, S, -1)
 
 
 def block_logits(model, drafter, cache, tokens, anchors, calibrate=True):
-    """Raw and calibrated draft logits of slots 2..B_s for every anchor, and their labels (-100 past the end).
+    """Raw and calibrated draft logits of slots 2..B_s for every anchor over the draft vocabulary, and their labels
+    as draft-vocabulary indices (-1 where the head cannot draft the target's token).
 
-    Returns raw [B, G, Bs-1, V], calibrated (or None), labels [B, G, Bs-1].
+    Returns raw [B, G, Bs-1, Vd], calibrated (or None), labels [B, G, Bs-1], label positions [B, G, Bs-1].
     """
     Bs = drafter.block_size
     B, G = anchors.shape
@@ -93,16 +193,15 @@ def block_logits(model, drafter, cache, tokens, anchors, calibrate=True):
     _, hidden = model(empty, empty, cache, masks, drafter)
     hidden = hidden.view(B, G, Bs, -1)[:, :, 1:]
     normed = rms_norm(hidden, model.norm, model.config.rms_norm_eps)
-    raw = F.linear(normed, model.lm_head)
+    raw = F.linear(normed, drafter.vocab_rows(model.lm_head))
     label_pos = anchors[:, :, None] + 1 + torch.arange(1, Bs, device=anchors.device)[None, None]
     labels = tokens.gather(1, label_pos.clamp(max=tokens.shape[1] - 1).flatten(1)).view(B, G, Bs - 1)
     calibrated = None
     if calibrate:
         bonus = tokens.gather(1, (anchors + 1).clamp(max=tokens.shape[1] - 1))
-        w1, b1, w2, b2 = drafter.calibration
-        x = torch.cat([model.embed[bonus][:, :, None].expand(-1, -1, Bs - 1, -1).to(normed.dtype), normed], dim=-1)
-        calibrated = raw + F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
-    return raw, calibrated, labels, label_pos
+        bonus_emb = model.embed[bonus][:, :, None].expand(-1, -1, Bs - 1, -1)
+        calibrated = raw + calibration_logits(normed, bonus_emb, drafter.calibration)
+    return raw, calibrated, drafter.draft_indices(labels), label_pos
 
 
 def slot_weights(block_size: int, decay: float, device) -> torch.Tensor:
@@ -111,21 +210,33 @@ def slot_weights(block_size: int, decay: float, device) -> torch.Tensor:
 
 
 def loss_on(logits, labels, valid, weights):
-    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+    """Weighted cross-entropy over the labelled slots; a label the head cannot draft (-1) carries no weight."""
+    valid = valid * (labels >= 0)
+    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.clamp(min=0).flatten(), reduction="none")
+    w = weights[None, None] * valid
+    return (ce.view(labels.shape) * w).sum() / w.sum().clamp(min=1e-6)
+
+
+def soft_loss_on(logits, target_probs, valid, weights):
+    """Weighted cross-entropy against soft labels: KL(p || q) up to p's own (constant) entropy."""
+    ce = -(target_probs * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
     w = weights[None, None] * valid
     return (ce * w).sum() / w.sum().clamp(min=1e-6)
 
 
 # ---- evaluation: teacher-forced acceptance ------------------------------------------------------------------------
 @torch.no_grad()
-def acceptance(model, drafter, rows, calibrate=True, anchors_per_sequence=24, batch=4) -> float:
+def acceptance(model, drafter, rows, calibrate=True, anchors_per_sequence=24, batch=4,
+               states: SplitStates | None = None) -> float:
     """Mean accepted length (bonus included) if every draft of a block were verified greedily against the
-    target's own tokens: 1 + the number of leading slots whose argmax equals the corpus token."""
+    target's own tokens: 1 + the number of leading slots whose argmax equals the corpus token. ``states`` (at the
+    drafter's split) saves the clean pass below it."""
     total, count = 0.0, 0
     generator = torch.Generator().manual_seed(1234)
     for first in range(0, len(rows), batch):
-        tokens, lengths, starts = pad_sequences(rows[first: first + batch], model.device)
-        cache = clean_cache(model, tokens)
+        chunk = rows[first: first + batch]
+        tokens, lengths, starts = pad_sequences(chunk, model.device)
+        cache, _ = clean_pass(model, tokens, start=None if states is None else states.batch(chunk, tokens))
         anchors = sample_anchors(lengths, starts, anchors_per_sequence, generator)
         raw, calibrated, labels, label_pos = block_logits(model, drafter, cache, tokens, anchors, calibrate)
         logits = calibrated if calibrate else raw
@@ -142,7 +253,8 @@ def save_state(directory: Path, drafter: Drafter, optimizer, step: int, config: 
     from safetensors.torch import save_file
 
     with atomic_directory(directory / "state") as tmp:
-        save_file({k: v.detach().float().contiguous() for k, v in drafter.state_dict().items()}, str(tmp / STATE_WEIGHTS))
+        save_file({k: (v.detach().float() if v.is_floating_point() else v).contiguous()
+                   for k, v in drafter.state_dict().items()}, str(tmp / STATE_WEIGHTS))
         moments = {}
         for i, p in enumerate(drafter.parameters()):
             for key, value in optimizer.state.get(p, {}).items():
@@ -196,9 +308,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path, config: TrainConfig,
-          resume: bool = True, log=print, init_from: Path | None = None) -> Drafter:
+          resume: bool = True, log=print, init_from: Path | None = None, states_dir: Path | None = None) -> Drafter:
     """Train into ``out``; resume from ``out/state`` when it exists, else start from ``init_from`` (a saved drafter,
-    e.g. the committed one, with a fresh optimizer) or from a fresh initialisation."""
+    e.g. the committed one, with a fresh optimizer) or from a fresh initialisation. ``states_dir`` keeps the
+    target's split-layer states on disk for the next run (``SplitStates``)."""
     from tqdm import tqdm
 
     if model.dtype != torch.float32:
@@ -217,11 +330,13 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         optimizer, start, history = factory(drafter), 0, []
         log(f"continuing from the drafter in {init_from} with a fresh optimizer")
     else:
+        vocab = frequent_tokens(rows, config.draft_vocab, model.config.vocab_size)
         drafter = Drafter.initialise(model, config.num_tuned_layers, config.block_size, config.calibration_rank,
-                                     seed=config.seed)
+                                     seed=config.seed, draft_vocab=vocab)
         with torch.no_grad():
             drafter.mask_embedding.copy_(initial_mask_embedding(model, rows[:8], drafter.split_layer))
         optimizer, start, history = factory(drafter), 0, []
+    states = SplitStates(model, drafter.split_layer, rows + held_out, states_dir, bf16=config.bf16)
     drafter.train()
     weights = slot_weights(drafter.block_size, config.position_decay, model.device)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
@@ -230,18 +345,24 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         # Deterministic in the step number, so a resumed run sees what an uninterrupted one would have.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         picks = [(step * config.sequences_per_step + i) % len(rows) for i in range(config.sequences_per_step)]
-        tokens, lengths, starts = pad_sequences([rows[int(order[i])] for i in picks], model.device)
-        cache = clean_cache(model, tokens, config.bf16)
+        chosen = [rows[int(order[i])] for i in picks]
+        tokens, lengths, starts = pad_sequences(chosen, model.device)
+        cache, clean_hidden = clean_pass(model, tokens, config.bf16, states.batch(chosen, tokens))
         anchors = sample_anchors(lengths, starts, config.blocks_per_sequence, generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and model.device.type == "cpu"):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and model.device.type == "cpu")
+        with autocast:
             raw, calibrated, labels, label_pos = block_logits(model, drafter, cache, tokens, anchors)
         valid = (label_pos < lengths[:, None, None]).float()
         loss_cal = loss_on(calibrated, labels, valid, weights)
         loss = loss_cal
         if config.raw_loss_weight > 0:
             loss = loss + config.raw_loss_weight * loss_on(raw, labels, valid, weights)
+        if config.kl_weight > 0:
+            with autocast:
+                teacher = target_distribution(model, drafter, clean_hidden, label_pos)
+            loss = loss + config.kl_weight * soft_loss_on(calibrated, teacher, valid, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
@@ -251,8 +372,9 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         record = {"step": done, "loss": round(loss_cal.item(), 4), "time": time.time()}
         if held_out and (done % config.eval_every == 0 or done == config.steps):
             drafter.eval()
-            record["tau"] = round(acceptance(model, drafter, held_out[: config.eval_sequences]), 4)
-            record["tau_raw"] = round(acceptance(model, drafter, held_out[: config.eval_sequences], False), 4)
+            evaluation = held_out[: config.eval_sequences]
+            record["tau"] = round(acceptance(model, drafter, evaluation, states=states), 4)
+            record["tau_raw"] = round(acceptance(model, drafter, evaluation, False, states=states), 4)
             drafter.train()
             bar.write(f"step {done}: held-out mean accepted length {record['tau']:.3f} "
                       f"(without calibration {record['tau_raw']:.3f}), loss {record['loss']:.3f}")

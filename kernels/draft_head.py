@@ -39,14 +39,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+def calibration_logits(normed, bonus_emb, calibration):
+    """The calibration MLP's correction: w2 @ silu(w1 @ [embed(bonus); normed] + b1) + b2 (training uses it too)."""
+    w1, b1, w2, b2 = calibration
+    x = torch.cat([bonus_emb.to(normed.dtype), normed], dim=-1)
+    return F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
+
+
 def calibrated_logits(hidden, norm_weight, eps, lm_head, bonus_emb=None, calibration=None):
     # The products run in the weights' dtype (a CPU drafter passes bf16 copies: see ``Drafter.head_weights``).
     normed = rms_norm(hidden, norm_weight, eps).to(lm_head.dtype)
     logits = F.linear(normed, lm_head)
     if calibration is not None and bonus_emb is not None:
-        w1, b1, w2, b2 = calibration
-        x = torch.cat([bonus_emb.to(normed.dtype), normed], dim=-1)
-        logits = logits + F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
+        logits = logits + calibration_logits(normed, bonus_emb, calibration)
     return logits
 
 

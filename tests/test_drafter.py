@@ -127,3 +127,73 @@ def test_head_weights_are_bf16_copies_on_a_cpu_and_follow_training(target):
         assert drafter.head_weights(target)[0] is target.lm_head
     finally:
         backend.set_backend(previous)
+
+
+# ---- the draft vocabulary ------------------------------------------------------------------------------------------
+def restricted_copy(drafter, target, vocab):
+    """The same drafter drafting only from ``vocab``: its calibration's output rows are the full one's rows there."""
+    small = Drafter.initialise(target, drafter.config.num_tuned_layers, drafter.block_size,
+                               drafter.config.calibration_rank, draft_vocab=vocab)
+    state = dict(drafter.state_dict())
+    order = torch.tensor(sorted(vocab))
+    state["calib_w2"], state["calib_b2"] = state["calib_w2"][order], state["calib_b2"][order]
+    state["draft_vocab"] = order
+    small.load_state_dict(state)
+    return small
+
+
+def randomised(drafter, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.float().std().clamp(min=0.05))
+    return drafter
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_a_draft_vocabulary_drafts_the_best_of_its_words_and_maps_them_to_target_ids(target, temperature):
+    from flexdraft.rng import Streams
+    from flexdraft.sampling import SamplingParams
+    from flexdraft.speculative import SpecConfig, next_drafts
+    from kernels.draft_head import calibrated_logits
+
+    V = target.config.vocab_size
+    full = randomised(Drafter.initialise(target, num_tuned_layers=1, block_size=5, calibration_rank=8), 4)
+    vocab = torch.randperm(V, generator=torch.Generator().manual_seed(1))[: V // 4].tolist()
+    small = restricted_copy(full, target, vocab)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 5, target.config.hidden_size, generator=g)
+    bonus = torch.randint(0, V, (3,), generator=g)
+    params = SamplingParams(temperature)
+    drafts = next_drafts(target, small, hidden, bonus, params, SpecConfig(), Streams(torch.arange(3)))
+    # The reference: the full drafter's calibrated logits, with every word outside the vocabulary struck out.
+    logits = calibrated_logits(hidden[:, 1:], target.norm, target.config.rms_norm_eps, target.lm_head,
+                               target.embed[bonus][:, None].expand(-1, 4, -1), full.calibration).float()
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[vocab] = True
+    q = torch.softmax(logits.masked_fill(~allowed, float("-inf")) / (temperature or 1.0), dim=-1)
+    assert set(drafts.tokens.flatten().tolist()) <= set(vocab)
+    if temperature == 0:
+        assert torch.equal(drafts.tokens, q.argmax(-1))
+    else:
+        torch.testing.assert_close(drafts.probs, q, rtol=2e-2, atol=1e-4)   # the CPU head runs in bf16
+        assert (drafts.probs[..., ~allowed] == 0).all()
+    torch.testing.assert_close(drafts.confidence, q.max(-1).values, rtol=2e-2, atol=1e-4)
+
+
+def test_a_draft_vocabulary_survives_save_and_load_and_a_bad_one_is_refused(target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    vocab = [3, 17, 40, 41, 90]
+    drafter = Drafter.initialise(target, num_tuned_layers=1, block_size=4, calibration_rank=8, draft_vocab=vocab)
+    drafter.save(tmp_path / "d")
+    stored = load_file(str(tmp_path / "d" / WEIGHTS_FILE))
+    assert stored["draft_vocab"].dtype == torch.int32 and stored["calib_w2"].shape == (5, 8)
+    loaded = Drafter.load(tmp_path / "d", target)
+    assert loaded.draft_vocab.tolist() == vocab and loaded.config.draft_vocab_size == 5
+    assert loaded.target_ids(torch.tensor([0, 4])).tolist() == [3, 90]
+    assert loaded.draft_indices(torch.tensor([17, 18, 90])).tolist() == [1, -1, 4]
+    stored["draft_vocab"] = torch.tensor([3, 17, 40, 41, 10**6], dtype=torch.int32)   # not a token of the target
+    save_file(stored, str(tmp_path / "d" / WEIGHTS_FILE))
+    with pytest.raises(FlexDraftError, match="draft vocabulary"):
+        Drafter.load(tmp_path / "d", target)

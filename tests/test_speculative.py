@@ -51,13 +51,20 @@ def stops_mid_batch(model, prompts, max_new):
     return free.results()[0][0][max_new // 3]
 
 
+def some_tokens(vocab_size: int, count: int, seed: int) -> list[int]:
+    """A draft vocabulary: ``count`` random token ids of the target's."""
+    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:count].tolist()
+
+
+@pytest.mark.parametrize("draft_vocab", [False, True], ids=["whole-vocab", "draft-vocab"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch_size", range(1, 9))
-def test_greedy_is_identical_to_autoregressive(target, mode, batch_size):
+def test_greedy_is_identical_to_autoregressive(target, mode, batch_size, draft_vocab):
     prompts = random_prompts(target.config.vocab_size, [3 + (5 * i) % 11 for i in range(batch_size)], seed=batch_size)
     stop = stops_mid_batch(target, prompts, 18)
     stop_ids = [[stop, 96]] * batch_size
-    drafter = Drafter.initialise(target, num_tuned_layers=2, block_size=6, seed=batch_size)
+    vocab = some_tokens(target.config.vocab_size, target.config.vocab_size // 3, batch_size) if draft_vocab else None
+    drafter = Drafter.initialise(target, num_tuned_layers=2, block_size=6, seed=batch_size, draft_vocab=vocab)
     expected, _ = generate_ar(target, prompts, 18, SamplingParams(), stop_ids, torch.arange(batch_size))
     got, stats = generate_speculative(target, drafter, prompts, 18, SamplingParams(), stop_ids,
                                       torch.arange(batch_size), step_mode(mode), SpecConfig(verify_threshold=0.0))
@@ -149,11 +156,15 @@ def expected_tv_bound(p, n):
     return 0.5 * float((p * (1 - p) / n).sqrt().sum())
 
 
-@pytest.mark.parametrize("mode", ["ar"] + MODES)
+@pytest.mark.parametrize("mode", ["ar"] + MODES + ["parallel-draft-vocab", "sequential-draft-vocab"])
 def test_sampling_matches_exact_target_distribution(small_vocab, mode):
+    """The "-draft-vocab" cases draft from 4 of the 6 tokens: q is zero on the other two, so only the residual
+    max(p - q, 0) can produce them, and the output must still follow p exactly."""
     model, prompt = small_vocab, [1, 4, 2, 3]
     exact = exact_distribution(model, prompt, PARAMS)
-    drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=3)
+    vocab = [0, 2, 3, 5] if mode.endswith("-draft-vocab") else None
+    mode = mode.removesuffix("-draft-vocab")
+    drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=3, draft_vocab=vocab)
     distances = []
     for n, seed0 in [(400, 0), (6400, 10_000)]:
         seeds = torch.arange(seed0, seed0 + n)
@@ -177,11 +188,13 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
        block=st.integers(2, 7), threshold=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
        strategy=st.sampled_from(["cumulative_product", "min_confidence"]), mode=st.sampled_from(MODES),
        lengths=st.lists(st.integers(1, 10), min_size=1, max_size=6), max_new=st.integers(1, 20),
-       calibration=st.booleans(), seed=st.integers(0, 1000))
+       calibration=st.booleans(), draft_vocab=st.sampled_from([0, 1, 7, 40]), seed=st.integers(0, 1000))
 def test_property_greedy_lossless(family, layers, tuned, block, threshold, strategy, mode, lengths, max_new,
-                                  calibration, seed):
+                                  calibration, draft_vocab, seed):
     model, _ = tiny_target(family, seed=seed, num_hidden_layers=layers)
-    drafter = Drafter.initialise(model, num_tuned_layers=min(tuned, layers), block_size=block, seed=seed)
+    vocab = some_tokens(model.config.vocab_size, draft_vocab, seed) if draft_vocab else None
+    drafter = Drafter.initialise(model, num_tuned_layers=min(tuned, layers), block_size=block, seed=seed,
+                                 draft_vocab=vocab)
     prompts = random_prompts(model.config.vocab_size, lengths, seed=seed)
     stops = [[seed % model.config.vocab_size]] * len(prompts)
     expected, _ = generate_ar(model, prompts, max_new, SamplingParams(), stops, torch.arange(len(prompts)))

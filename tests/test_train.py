@@ -8,7 +8,7 @@ from flexdraft.drafter import Drafter
 from flexdraft.generate import generate_ar
 from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import SpecConfig, generate_speculative
-from flexdraft.train import TrainConfig, acceptance, train
+from flexdraft.train import SplitStates, TrainConfig, acceptance, clean_pass, pad_sequences, train
 from helpers import tiny_target
 
 
@@ -93,3 +93,70 @@ def test_training_can_continue_from_a_saved_drafter(toy, tmp_path):
                       log=lambda *_: None, init_from=tmp_path / "a" / "drafter")
     for (name, a), b in zip(saved.state_dict().items(), continued.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_training_with_a_draft_vocabulary(toy, tmp_path):
+    """A fresh drafter drafts from the corpus's most frequent tokens (topped up to the size asked for) and learns
+    as well as one over the whole vocabulary."""
+    model, rows, _ = toy
+    seen = {r["response_ids"][0] for r in rows}
+    held_out = [dict(r, held_out=True) for r in rows[:12]]
+    untrained = Drafter.initialise(model, 2, 5, 16, seed=0)
+    before = acceptance(model, untrained, held_out)
+    drafter = train(model, rows, held_out, tmp_path / "run", small_config(draft_vocab=len(seen) + 5),
+                    log=lambda *_: None)
+    vocab = set(drafter.draft_vocab.tolist())
+    assert len(vocab) == len(seen) + 5 and seen <= vocab
+    assert drafter.calib_w2.shape[0] == len(seen) + 5
+    assert acceptance(model, drafter, held_out) > before + 0.5
+    assert Drafter.load(tmp_path / "run" / "drafter", model).draft_vocab.tolist() == sorted(vocab)
+
+
+def test_split_states_resume_the_clean_pass_and_compute_each_row_once(toy, tmp_path):
+    model, rows, _ = toy
+    ragged = [dict(r, response_ids=r["response_ids"][: 10 + 3 * i]) for i, r in enumerate(rows[:6])]
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        states = SplitStates(model, 2, ragged[:4], tmp_path / "states", bf16=False)
+        assert sum(calls) == 4
+        again = SplitStates(model, 2, ragged, tmp_path / "states", bf16=False)   # two new rows, four from disk
+        assert sum(calls) == 6
+    finally:
+        hook.remove()
+    tokens, lengths, _ = pad_sequences(ragged[2:6], "cpu")
+    full, _ = clean_pass(model, tokens)
+    resumed, _ = clean_pass(model, tokens, start=again.batch(ragged[2:6], tokens))
+    for i, n in enumerate(lengths.tolist()):
+        # The tuned layers see what a full pass gives them (the stored stream is bf16); the layers below are not run.
+        torch.testing.assert_close(resumed.k[2:, i, :, :n], full.k[2:, i, :, :n], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(resumed.v[2:, i, :, :n], full.v[2:, i, :, :n], rtol=2e-2, atol=2e-2)
+        assert (resumed.k[:2] == 0).all()
+    assert torch.equal(states.states[next(iter(states.states))], again.states[next(iter(states.states))])
+
+
+def test_the_kl_term_reads_the_targets_own_next_token_distribution(toy):
+    """Soft labels at a slot are the target's distribution over the draft vocabulary, predicted from the token
+    before the slot, as a plain forward pass gives it."""
+    from flexdraft.train import target_distribution
+
+    model, rows, _ = toy
+    vocab = list(range(0, model.config.vocab_size, 2))
+    drafter = Drafter.initialise(model, 2, 5, 16, draft_vocab=vocab)
+    tokens, lengths, _ = pad_sequences(rows[:2], "cpu")
+    _, hidden = clean_pass(model, tokens)
+    label_pos = torch.tensor([[[5, 6, 7], [20, 21, 22]], [[9, 10, 11], [30, 31, 32]]])
+    got = target_distribution(model, drafter, hidden, label_pos)
+    logits = model.logits(hidden)[:, :, vocab]
+    for b in range(2):
+        for g in range(2):
+            for s in range(3):
+                expected = torch.softmax(logits[b, label_pos[b, g, s] - 1], -1)
+                torch.testing.assert_close(got[b, g, s], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_with_the_kl_term_lowers_the_loss(toy, tmp_path):
+    model, rows, held_out = toy
+    train(model, rows, held_out, tmp_path / "run", small_config(steps=40, kl_weight=1.0), log=lambda *_: None)
+    history = json.loads((tmp_path / "run" / "state" / "state.json").read_text())["history"]
+    assert sum(r["loss"] for r in history[-5:]) < 0.7 * sum(r["loss"] for r in history[:5])

@@ -105,10 +105,11 @@ def test_default_model_logits_match_transformers():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("rows", [1, 2, 17, 32, 33])
-def test_linear_split_k_matches_plain_product(rows, threads, dtype, tol):
-    """The K-split fast path of few-row products equals x @ w (+ b); 3 threads do not divide K = 50: plain path."""
-    from flexdraft.model import linear
+@pytest.mark.parametrize("rows", [1, 2, 17, 128, 129, 300])
+def test_linear_fast_paths_match_plain_product(rows, threads, dtype, tol):
+    """Every path of ``linear`` (one-row K-split, 2-128 rows small-N on an [out, in] copy, plain GEMM) and of
+    ``linear_out_in`` equals x @ w (+ b); 3 threads do not divide K = 50, so one row takes the plain path there."""
+    from flexdraft.model import linear, linear_out_in
 
     torch.manual_seed(rows * threads)
     with torch_threads(threads):
@@ -116,6 +117,22 @@ def test_linear_split_k_matches_plain_product(rows, threads, dtype, tol):
             x, w, b = torch.randn(rows, 1, k, dtype=dtype), torch.randn(k, 37, dtype=dtype), torch.randn(37, dtype=dtype)
             expected = (x.double() @ w.double() + b.double()).to(dtype)
             torch.testing.assert_close(linear(x, w, b), expected, rtol=tol, atol=tol * k ** 0.5)
+            torch.testing.assert_close(linear_out_in(x, w.t().contiguous(), b), expected, rtol=tol, atol=tol * k ** 0.5)
+
+
+def test_linear_remakes_its_weight_copy_and_keeps_gradients():
+    """The [out, in] copy follows an in-place update (an optimizer step); a weight that needs a gradient gets one."""
+    from flexdraft.model import linear
+
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 24), torch.randn(24, 7)
+    linear(x, w)
+    with torch.no_grad():
+        w.mul_(-2.0)
+    torch.testing.assert_close(linear(x, w), x @ w)
+    w.requires_grad_(True)
+    linear(x, w).sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0)[:, None].expand(-1, 7))
 
 
 def test_decoding_with_two_threads_matches_transformers(tiny_checkpoint):

@@ -91,10 +91,11 @@ def section_training(state_path: Path, out: Path) -> list[str]:
     lines = ["## Training run", "",
              f"{state['step']} steps in this run ({hours:.1f} h of wall time), "
              f"{config['sequences_per_step']} sequences x {config['blocks_per_sequence']} blocks per step, "
-             f"lr {config['lr']}, position decay {config['position_decay']}, seed {config['seed']}, "
-             f"bf16 autocast {config['bf16']}; drafter: {state['drafter_config']['num_tuned_layers']} tuned layers, "
-             f"block {state['drafter_config']['block_size']}, calibration rank "
-             f"{state['drafter_config']['calibration_rank']}.", ""]
+             f"lr {config['lr']}, position decay {config['position_decay']}, KL weight {config.get('kl_weight', 0.0)}, "
+             f"seed {config['seed']}, bf16 autocast {config['bf16']}; drafter: "
+             f"{state['drafter_config']['num_tuned_layers']} tuned layers, block {state['drafter_config']['block_size']}, "
+             f"calibration rank {state['drafter_config']['calibration_rank']}, draft vocabulary "
+             f"{state['drafter_config'].get('draft_vocab_size') or 'the whole'} words.", ""]
     if evals:
         lines += ["| step | held-out mean accepted length | without calibration | loss |", "|---|---|---|---|"]
         lines += [f"| {h['step']} | {h['tau']:.3f} | {h.get('tau_raw', float('nan')):.3f} | {h['loss']:.3f} |"

@@ -9,6 +9,7 @@ from pathlib import Path
 from experiments.cli import COMMANDS as EXPERIMENT_COMMANDS
 from experiments.cli import add_parsers as add_experiment_parsers
 from flexdraft.errors import FlexDraftError
+from kernels import backend
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-prompt-tokens", type=int, default=256)
     data.add_argument("--batch-size", type=int, default=32)
     data.add_argument("--temperature", type=float, default=0.0, help="0: greedy responses; > 0: sampled")
-    data.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    data.add_argument("--dtype", default="bfloat16" if backend.cpu_bf16_is_fast() else "float32",
+                      choices=["float32", "bfloat16"], help="default: bfloat16 where this CPU's bf16 GEMM is fast")
 
     train = sub.add_parser("train", help="train a drafter (attention tuning + calibration) on the corpus")
     train.add_argument("--model", default="default")
@@ -115,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_generate(args) -> int:
     from flexdraft.api import FlexDraft
-    from kernels import backend
 
     from flexdraft.sampling import SamplingParams
 

@@ -125,10 +125,11 @@ class Drafter(nn.Module):
         the target's own elsewhere. Drafts are only proposals that verification checks exactly, so their precision
         cannot change the output, and this CPU's bf16 GEMM runs the head's few-row vocabulary products 3-8x faster
         than fp32 (measured: 15 slots x 49152 words, fp32 ~35 ms, bf16 ~8 ms; fp32 few-row products are
-        compute-bound here)."""
+        compute-bound here). Not on a CPU without native bf16 GEMMs, where bf16 is the slow path."""
         from kernels import backend
 
-        if target.device.type == "cpu" and target.dtype == torch.float32 and not backend.use_triton():
+        if (target.device.type == "cpu" and target.dtype == torch.float32 and not backend.use_triton()
+                and backend.cpu_bf16_is_fast()):
             return torch.bfloat16
         return target.dtype
 

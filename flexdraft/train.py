@@ -19,13 +19,14 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from flexdraft.drafter import Drafter, DrafterConfig, atomic_directory
+from kernels import backend
 from flexdraft.errors import FlexDraftError
 from flexdraft.model import MaskStream, Transformer, model_identity
 from kernels.draft_head import calibration_logits, rms_norm
@@ -51,7 +52,7 @@ class TrainConfig:
     eval_sequences: int = 24
     save_every: int = 25
     seed: int = 0
-    bf16: bool = True
+    bf16: bool = field(default_factory=backend.cpu_bf16_is_fast)   # autocast on a CPU, where its bf16 GEMM is fast
 
 
 # ---- the corpus, and the frozen target's states at the split -----------------------------------------------------

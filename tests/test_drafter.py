@@ -95,7 +95,8 @@ def test_shipped_drafter_refuses_another_target(tmp_path):
 
 
 def test_shipped_drafters_are_bf16_safetensors_within_the_size_bound():
-    """Committed drafters: bf16 safetensors, at most 40 MiB each (the repository's one allowed binary)."""
+    """Committed drafters: bf16 safetensors, at most 40 MiB each (the repository's one allowed binary); the draft
+    vocabulary, token ids, is the one integer tensor."""
     from safetensors import safe_open
 
     from flexdraft.api import SHIPPED_DRAFTERS
@@ -106,13 +107,20 @@ def test_shipped_drafters_are_bf16_safetensors_within_the_size_bound():
     for path in files:
         assert path.stat().st_size <= 40 * 2**20, f"{path} is {path.stat().st_size} bytes"
         with safe_open(str(path), "pt") as f:
-            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        assert {d for k, d in dtypes.items() if k != "draft_vocab"} == {"BF16"}, dtypes
+        assert dtypes.get("draft_vocab", "I32") == "I32", dtypes
 
 
-def test_head_weights_are_bf16_copies_on_a_cpu_and_follow_training(target):
-    """The engine's draft head on a CPU reads bf16 copies; an in-place update (an optimizer step) remakes them."""
+def test_head_weights_are_bf16_copies_on_a_cpu_and_follow_training(target, monkeypatch):
+    """The engine's draft head on a CPU with fast bf16 GEMMs reads bf16 copies; an in-place update (an optimizer step)
+    remakes them. Without fast bf16 (an AVX2-only CPU) it reads the fp32 weights themselves."""
     from kernels import backend
 
+    drafter = Drafter.initialise(target, num_tuned_layers=1, block_size=4, calibration_rank=8, seed=0)
+    monkeypatch.setattr(backend, "_CPU_BF16_FAST", False)
+    assert drafter.head_dtype(target) == torch.float32 and drafter.head_weights(target)[0] is target.lm_head
+    monkeypatch.setattr(backend, "_CPU_BF16_FAST", True)
     drafter = Drafter.initialise(target, num_tuned_layers=1, block_size=4, calibration_rank=8, seed=0)
     lm_head, calibration = drafter.head_weights(target)
     assert lm_head.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in calibration)

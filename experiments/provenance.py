@@ -58,5 +58,7 @@ def command_line() -> str:
 def provenance(device: str | torch.device = "cpu", command: str | None = None) -> dict:
     return {"device": current_slug(device), "device_name": device_name(device), "versions": versions(),
             "threads": torch.get_num_threads(), "git_commit": git_commit(),
+            # two hosts both named 'AMD EPYC' differed 400x in bf16 GEMM speed (AVX512-BF16 vs AVX2 only)
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command if command is not None else command_line()}

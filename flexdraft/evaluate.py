@@ -56,7 +56,8 @@ def evaluate(fd, datasets: dict[str, list[str]], max_new_tokens: int, log=print)
 
 def markdown(results: dict, meta: dict) -> str:
     lines = [f"# Drafter acceptance and speed: `{meta['drafter']}`", "",
-             f"Device: {meta['provenance']['device_name']} ({meta['provenance']['threads']} threads); "
+             f"Device: {meta['provenance']['device_name']} ({meta['provenance']['threads']} threads"
+             f"{', ' + meta['provenance']['cpu_capability'] if meta['provenance'].get('cpu_capability') else ''}); "
              f"torch {meta['provenance']['versions']['torch']}; commit `{meta['provenance']['git_commit']}`.",
              f"Greedy, batch 1, at most {meta['max_new_tokens']} new tokens, fp32; configurations interleaved "
              "prompt by prompt in one run.", "", f"Command: `{meta['provenance']['command']}`", ""]

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from flexdraft.drafter import Drafter, DrafterConfig, atomic_directory
-from kernels import backend
 from flexdraft.errors import FlexDraftError
 from flexdraft.model import MaskStream, Transformer, model_identity
+from kernels import backend
 from kernels.draft_head import calibration_logits, rms_norm
 
 STATE_WEIGHTS, STATE_OPTIMIZER, STATE_JSON = "drafter_fp32.safetensors", "optimizer.safetensors", "state.json"

@@ -121,7 +121,6 @@ def test_head_weights_are_bf16_copies_on_a_cpu_and_follow_training(target, monke
     monkeypatch.setattr(backend, "_CPU_BF16_FAST", False)
     assert drafter.head_dtype(target) == torch.float32 and drafter.head_weights(target)[0] is target.lm_head
     monkeypatch.setattr(backend, "_CPU_BF16_FAST", True)
-    drafter = Drafter.initialise(target, num_tuned_layers=1, block_size=4, calibration_rank=8, seed=0)
     lm_head, calibration = drafter.head_weights(target)
     assert lm_head.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in calibration)
     assert torch.equal(lm_head, target.lm_head.bfloat16()) and torch.equal(calibration[2], drafter.calib_w2.bfloat16())

@@ -30,15 +30,17 @@ def cpu_model_name() -> str:
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
-    """'NVIDIA H200' for a CUDA device; 'cpu AMD EPYC' for the CPU."""
+    """'NVIDIA H200' for a CUDA device; 'cpu AMD EPYC AVX2' for the CPU. The CPU's vector capability is part of its
+    name because two hosts both called 'AMD EPYC' differed 400x in bf16 GEMM speed (AVX512-BF16 vs AVX2 only): their
+    stores, reports and baselines must not share a file."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device.index if device.index is not None else torch.cuda.current_device())
-    return f"cpu {cpu_model_name()}"
+    return f"cpu {cpu_model_name()} {torch.backends.cpu.get_cpu_capability()}"
 
 
 def current_slug(device: str | torch.device = "cpu") -> str:
-    """'cpu-amd-epyc', 'nvidia-h200': the name of this device's files."""
+    """'cpu-amd-epyc-avx2', 'nvidia-h200': the name of this device's files."""
     return device_slug(device_name(device))
 
 
@@ -58,7 +60,6 @@ def command_line() -> str:
 def provenance(device: str | torch.device = "cpu", command: str | None = None) -> dict:
     return {"device": current_slug(device), "device_name": device_name(device), "versions": versions(),
             "threads": torch.get_num_threads(), "git_commit": git_commit(),
-            # two hosts both named 'AMD EPYC' differed 400x in bf16 GEMM speed (AVX512-BF16 vs AVX2 only)
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command if command is not None else command_line()}

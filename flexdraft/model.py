@@ -18,62 +18,7 @@ import torch.nn.functional as F
 from flexdraft.config import ModelConfig, rope_frequencies
 from flexdraft.errors import FlexDraftError
 from kernels.block_attention import block_attention
-
-
-SMALL_N_MAX_ROWS = 128  # see linear_out_in(); fp32 products of 2..this many rows on a CPU
-
-
-def few_rows_on_cpu(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    """Whether an fp32 inference product of 2..SMALL_N_MAX_ROWS rows may run as ``weight_out_in @ x.T`` from a
-    weight copy: not under autocast (training) and not where the weight needs a gradient (the copy has none)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and 2 <= rows <= SMALL_N_MAX_ROWS and not torch.is_autocast_enabled("cpu")
-            and not (weight.requires_grad and torch.is_grad_enabled()))
-
-
-def out_in_copy(weight: torch.Tensor) -> torch.Tensor:
-    """An [out, in] copy of an [in, out] weight, made once and remade when the weight changes in place."""
-    key = (weight._version, weight.data_ptr())
-    cached = getattr(weight, "_out_in", None)
-    if cached is None or cached[0] != key:
-        cached = (key, weight.detach().t().contiguous())
-        weight._out_in = cached
-    return cached[1]
-
-
-def linear_out_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` with ``weight`` stored [out, in] (PyTorch's layout, as ``F.linear``).
-
-    On a CPU, MKL runs an fp32 product of few rows (small M) 2-5x slower than its bandwidth allows, but the same
-    product transposed, ``weight @ x.T`` (small N), near it: measured here, 12 weights of 576 x 3072, 4 rows:
-    12.6 ms as ``x @ W`` vs 4.6 ms; the 49152-word lm_head, 4 rows: 15.6 vs 7.0 ms; 1.3-1.6x at 16-128 rows;
-    past ~200 rows ``x @ W`` is faster again."""
-    rows = x.numel() // x.shape[-1]
-    if not few_rows_on_cpu(x, weight, rows):
-        return F.linear(x, weight, bias)
-    out = (weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
-    return out if bias is None else out + bias
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight (+ bias)`` with ``weight`` stored [in, out]. Three CPU facts shape this (measured here,
-    2 threads, weights streamed from DRAM):
-    - one row: every projection is stored [in, out], not PyTorch's [out, in]: a GEMV streams ~1.8x faster, and
-      BLAS runs it on one core, so a batched product over K-slices of the weight, summed, keeps every core
-      streaming (fp32; bf16 gains nothing);
-    - 2..128 rows (verification, batches): small-N products on an [out, in] copy (``linear_out_in``);
-    - more rows (prefill, training): plain GEMM.
-    """
-    rows, k = x.numel() // x.shape[-1], x.shape[-1]
-    splits = torch.get_num_threads()
-    if few_rows_on_cpu(x, weight, rows):
-        return linear_out_in(x, out_in_copy(weight), bias)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and rows == 1 and splits > 1 and k % splits == 0:
-        parts = torch.bmm(x.reshape(rows, splits, k // splits).transpose(0, 1), weight.view(splits, k // splits, -1))
-        out = parts.sum(0).view(*x.shape[:-1], -1)
-    else:
-        out = x @ weight
-    return out if bias is None else out + bias
+from kernels.cpu_matmul import linear
 
 
 class KVCache:
@@ -187,7 +132,6 @@ class Transformer(nn.Module):
         inv_freq, self.rope_scale = rope_frequencies(c)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._rope_table = None
-        self._lm_head_t = None
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     @property
@@ -217,20 +161,10 @@ class Transformer(nn.Module):
         cos, sin = self._rope_table
         return cos[positions][:, :, None], sin[positions][:, :, None]
 
-    def lm_head_in_out(self) -> torch.Tensor | None:
-        """An [in, out] copy of lm_head for one-row products on a CPU (see ``linear``), made once; None
-        elsewhere (on a GPU it would only cost memory). It costs one more copy of the vocabulary matrix."""
-        if self.device.type != "cpu" or self.lm_head.requires_grad:
-            return None
-        if self._lm_head_t is None or self._lm_head_t.dtype != self.lm_head.dtype:
-            self._lm_head_t = self.lm_head.detach().t().contiguous()
-        return self._lm_head_t
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head, only for the rows that need logits."""
         normed = F.rms_norm(hidden, hidden.shape[-1:], self.norm, self.config.rms_norm_eps)
-        copy = self.lm_head_in_out() if normed.numel() // normed.shape[-1] == 1 else None
-        return linear_out_in(normed, self.lm_head) if copy is None else linear(normed, copy)
+        return linear(normed, self.lm_head, layout="out_in")
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from autotune.store import config_key, lookup
 from kernels.backend import check_device
+from kernels.cpu_matmul import linear
 
 from flexdraft.sampling import SamplingParams, probabilities, sample
 
@@ -43,13 +44,13 @@ def calibration_logits(normed, bonus_emb, calibration):
     """The calibration MLP's correction: w2 @ silu(w1 @ [embed(bonus); normed] + b1) + b2 (training uses it too)."""
     w1, b1, w2, b2 = calibration
     x = torch.cat([bonus_emb.to(normed.dtype), normed], dim=-1)
-    return F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
+    return linear(F.silu(F.linear(x, w1, b1)), w2, b2, layout="out_in")
 
 
 def calibrated_logits(hidden, norm_weight, eps, lm_head, bonus_emb=None, calibration=None):
     # The products run in the weights' dtype (a CPU drafter passes bf16 copies: see ``Drafter.head_weights``).
     normed = rms_norm(hidden, norm_weight, eps).to(lm_head.dtype)
-    logits = F.linear(normed, lm_head)
+    logits = linear(normed, lm_head, layout="out_in")   # few rows on a CPU: the packed kernel
     if calibration is not None and bonus_emb is not None:
         logits = logits + calibration_logits(normed, bonus_emb, calibration)
     return logits

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # kernel_utils,
 from kernel_utils import DEVICE, ON_GPU  # noqa: E402
 
 from autotune.spaces import MODELS, attention_inputs, draft_head_inputs, verify_inputs  # noqa: E402
+from kernels import cpu_matmul  # noqa: E402
 from kernels.block_attention import block_attention_reference, block_attention_triton  # noqa: E402
 from kernels.draft_head import draft_head_reference, draft_head_triton  # noqa: E402
 from kernels.verify import (verify_greedy_reference, verify_greedy_triton, verify_sampling_reference,  # noqa: E402
@@ -119,6 +120,28 @@ def bench_verify_greedy(benchmark, provider, batch):
         assert all(torch.equal(a, b) for a, b in zip(fn(*args), verify_greedy_reference(*args)))
     benchmark.group = f"verify_greedy b{batch}"
     timed(benchmark, lambda: fn(*args))
+
+
+# ---- few-row CPU products (compiled C, not Triton: a real measurement on any host) ---------------------------------
+CPU_MATMUL = [(k, n, rows) for k, n in ((576, 3072), (576, 49152)) for rows in (1, 4, 16)]
+
+
+@pytest.mark.skipif(not cpu_matmul.available(), reason=f"packed CPU matmul: {cpu_matmul.why_unavailable()}")
+@pytest.mark.parametrize("provider", ["packed", "torch"])
+@pytest.mark.parametrize("k,n,rows", CPU_MATMUL)
+def bench_cpu_matmul(benchmark, provider, k, n, rows):
+    """SmolLM2-135M's gate/up projection and lm_head at decode row counts (1 row, a verify block, a batch)."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
+    packed = cpu_matmul.pack(w)
+    if provider == "packed":
+        fn = lambda: cpu_matmul.few_rows_matmul(x, packed)  # noqa: E731
+        torch.testing.assert_close(fn(), cpu_matmul.few_rows_matmul_reference(x, w), rtol=1e-4, atol=1e-3)
+    else:
+        fn = lambda: cpu_matmul.few_rows_matmul_reference(x, w)  # noqa: E731
+    benchmark.group = f"cpu_matmul {k}x{n} rows {rows}"
+    fn()
+    benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=2)
 
 
 if __name__ == "__main__":

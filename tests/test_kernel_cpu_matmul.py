@@ -1,0 +1,65 @@
+"""kernels.cpu_matmul (the packed few-row fp32 product on an x86 CPU) against its reference ``x @ W``."""
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_utils import poisoned_allocations, seeded
+
+from kernels import cpu_matmul
+
+needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason=f"packed CPU matmul unavailable here: "
+                                  f"{cpu_matmul.why_unavailable()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("k,n", [(37, 16), (50, 48), (576, 160), (129, 80)])
+def test_matches_reference_at_odd_shapes(rows, k, n, threads):
+    """Every row count takes a different pass function (1-6 rows, several tiles per pass for 1-2, a partial last
+    group of tiles); odd K and tile counts; outputs poisoned so an unwritten element fails."""
+    gen = seeded(rows * 1000 + k + n + threads)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
+    with poisoned_allocations():
+        out = cpu_matmul.few_rows_matmul(x, cpu_matmul.pack(w), threads=threads)
+    expected = cpu_matmul.few_rows_matmul_reference(x.double(), w.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@needs_kernel
+def test_out_in_layout_and_leading_dims():
+    gen = seeded(1)
+    x, w_out_in = torch.randn(2, 3, 64, generator=gen), torch.randn(96, 64, generator=gen)
+    out = cpu_matmul.few_rows_matmul(x, cpu_matmul.pack(w_out_in, "out_in"))
+    assert out.shape == (2, 3, 96)
+    torch.testing.assert_close(out, x @ w_out_in.t(), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [2, 7, 20])
+def test_a_row_does_not_depend_on_its_batch(rows):
+    """Each output is one in-order sum over k, whatever shares the call: a verify pass gives the bonus the very
+    logits a one-row decode step gives it."""
+    gen = seeded(rows)
+    x, packed = torch.randn(rows, 200, generator=gen), cpu_matmul.pack(torch.randn(200, 112, generator=gen))
+    together = cpu_matmul.few_rows_matmul(x, packed)
+    for i in range(rows):
+        assert torch.equal(together[i], cpu_matmul.few_rows_matmul(x[i:i + 1], packed)[0])
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_matmul.pack(torch.randn(8, 20))
+    with pytest.raises(ValueError, match="layout"):
+        cpu_matmul.pack(torch.randn(8, 16), "rows")
+    if cpu_matmul.available():
+        with pytest.raises(ValueError, match="K = 8"):
+            cpu_matmul.few_rows_matmul(torch.randn(2, 9), cpu_matmul.pack(torch.randn(8, 16)))
+
+
+def test_turned_off_it_says_why(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_LIB", None)
+    monkeypatch.setattr(cpu_matmul, "_WHY_NOT", None)
+    monkeypatch.setenv("FLEXDRAFT_CPU_MATMUL", "0")
+    assert not cpu_matmul.available()
+    assert "FLEXDRAFT_CPU_MATMUL=0" in cpu_matmul.why_unavailable()

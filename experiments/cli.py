@@ -186,12 +186,13 @@ def print_crossover(entry: dict, file=None) -> None:
     print(f"predicted tokens/s (steady-state decoding, context {pred['context']:.0f}; acceptance "
           f"{sum(entry['acceptance']['accepted']) / max(1, len(entry['acceptance']['accepted'])) + 1:.2f} "
           f"tokens per step at full verification)", file=file)
-    print(f"{'batch':>6}{'ar':>10}{'sequential':>12}{'tau':>7}{'parallel':>10}{'tau':>7}  choice", file=file)
+    # 'thresh': the verification threshold each speculative mode is predicted best at
+    print(f"{'batch':>6}{'ar':>10}{'sequential':>12}{'thresh':>8}{'parallel':>10}{'thresh':>8}  choice", file=file)
     for b, row in sorted(pred["by_batch"].items(), key=lambda kv: int(kv[0])):
-        tau = {m: row[m].get("verify_threshold") for m in ("sequential", "parallel")}
+        thresh = {m: row[m].get("verify_threshold") for m in ("sequential", "parallel")}
         print(f"{int(b):>6}{row['ar']['tokens_per_s']:>10.1f}{row['sequential']['tokens_per_s']:>12.1f}"
-              f"{tau['sequential'] if tau['sequential'] is not None else '-':>7}"
-              f"{row['parallel']['tokens_per_s']:>10.1f}{tau['parallel'] if tau['parallel'] is not None else '-':>7}"
+              f"{thresh['sequential'] if thresh['sequential'] is not None else '-':>8}"
+              f"{row['parallel']['tokens_per_s']:>10.1f}{thresh['parallel'] if thresh['parallel'] is not None else '-':>8}"
               f"  {row['choice']['mode']}", file=file)
     print(f"crossover (sequential never behind parallel from batch): {entry['policy']['crossover_batch']}",
           file=file)

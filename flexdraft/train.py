@@ -48,6 +48,8 @@ class TrainConfig:
     raw_loss_weight: float = 0.0     # > 0 also trains the uncalibrated logits directly (costs a second softmax)
     draft_vocab: int = 16384         # a fresh drafter drafts from the corpus's most frequent tokens; 0: all
     kl_weight: float = 0.0           # > 0 adds cross-entropy against the target's own distribution at each slot
+    calibration_lr: float = 0.0      # > 0: the calibration MLP's own peak learning rate (0: the same as lr)
+    train_attention: bool = True     # false: a calibration-only stage (projector copies and mask_embedding frozen)
     eval_every: int = 50
     eval_sequences: int = 24
     save_every: int = 25
@@ -295,17 +297,27 @@ def initial_mask_embedding(model, rows, split_layer) -> torch.Tensor:
 
 
 def make_optimizer(config: TrainConfig):
+    """AdamW over what trains: the calibration MLP (at ``calibration_lr`` when set) and, unless this is a
+    calibration-only stage, the projector copies and ``mask_embedding`` (frozen here otherwise). Each group's
+    ``peak_lr`` is its learning rate at the top of the schedule."""
     def factory(drafter):
-        return torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=config.lr,
-                                 weight_decay=0.0, betas=(0.9, 0.95))
+        calibration = list(drafter.calibration)
+        attention = [p for p in drafter.parameters() if all(p is not c for c in calibration)]
+        for p in attention:
+            p.requires_grad_(config.train_attention)
+        groups = [{"params": calibration, "peak_lr": config.calibration_lr or config.lr}]
+        if config.train_attention:
+            groups.insert(0, {"params": attention, "peak_lr": config.lr})
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
     return factory
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
+def schedule(config: TrainConfig, step: int) -> float:
+    """The learning rate's share of its peak: linear warm-up, then a cosine down to a tenth."""
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path, config: TrainConfig,
@@ -351,7 +363,7 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         cache, clean_hidden = clean_pass(model, tokens, config.bf16, states.batch(chosen, tokens))
         anchors = sample_anchors(lengths, starts, config.blocks_per_sequence, generator)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
+            group["lr"] = group["peak_lr"] * schedule(config, step)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and model.device.type == "cpu")
         with autocast:
             raw, calibrated, labels, label_pos = block_logits(model, drafter, cache, tokens, anchors)

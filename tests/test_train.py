@@ -160,3 +160,31 @@ def test_training_with_the_kl_term_lowers_the_loss(toy, tmp_path):
     train(model, rows, held_out, tmp_path / "run", small_config(steps=40, kl_weight=1.0), log=lambda *_: None)
     history = json.loads((tmp_path / "run" / "state" / "state.json").read_text())["history"]
     assert sum(r["loss"] for r in history[-5:]) < 0.7 * sum(r["loss"] for r in history[:5])
+
+
+def test_a_calibration_only_stage_trains_the_mlp_and_nothing_else(toy, tmp_path):
+    """``train_attention=False``: the projector copies and mask_embedding stay as loaded, and the calibration MLP,
+    which sees the bonus (here the token every slot repeats), learns on its own, at its own learning rate."""
+    from flexdraft.train import make_optimizer
+
+    model, rows, held_out = toy
+    # Rank 64 (>= the tiny model's width): the MLP can map the bonus's embedding onto its own logit.
+    train(model, rows, [], tmp_path / "a", small_config(steps=5, save_every=5, calibration_rank=64),
+          log=lambda *_: None)
+    start = Drafter.load(tmp_path / "a" / "drafter", model)
+    config = small_config(steps=60, calibration_rank=64, train_attention=False, calibration_lr=3e-2)
+    peaks = [g["peak_lr"] for g in make_optimizer(config)(Drafter.load(tmp_path / "a" / "drafter", model)).param_groups]
+    assert peaks == [3e-2]
+    assert [g["peak_lr"] for g in make_optimizer(small_config())(start).param_groups] == [1e-2, 1e-2]
+    stage = train(model, rows, held_out, tmp_path / "b", config, log=lambda *_: None,
+                  init_from=tmp_path / "a" / "drafter")
+    trained = stage.state_dict()
+    for name, value in start.state_dict().items():
+        if name.startswith("calib_"):
+            assert not torch.equal(value, trained[name]), name
+        else:
+            assert torch.equal(value, trained[name]), name
+    history = json.loads((tmp_path / "b" / "state" / "state.json").read_text())["history"]
+    assert sum(r["loss"] for r in history[-5:]) < 0.7 * sum(r["loss"] for r in history[:5])
+    before, after = acceptance(model, start, held_out), acceptance(model, stage, held_out)
+    assert after > before + 0.3, (before, after)

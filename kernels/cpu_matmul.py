@@ -7,6 +7,8 @@ row costs. BLAS does not get there: measured on an AVX2 EPYC, 1 thread, twelve 5
 It repacks the weight on every call, which costs more than the product. This kernel packs the weight once, tile-major
 ``[N/16, K, 16]``, so each 16-column tile streams contiguously through cache once while up to 6 rows (12 AVX2
 accumulators) consume it: 8.7 ms for 4 rows, 18 ms for 16 (~58 GFLOP/s, MKL's large-GEMM peak on that core).
+Where the CPU has AVX-512, a variant with twice the register width and twice the registers takes up to 12 rows per
+pass (``ISAS``): many-row products (a batch, a parallel step's mask tokens) are FMA-bound, not bandwidth-bound.
 
 Every output element is a plain sum over k = 0..K-1 in order, whatever M is and whichever rows share a call, so a
 row's result does not depend on its batch: a verify pass over [bonus, drafts] gives the bonus exactly the logits a
@@ -15,6 +17,7 @@ one-row autoregressive step gives it.
 The C source is generated below (one function per row count, accumulators as named locals: GCC spills an array of
 them), compiled with the system C compiler on first use into the cache and loaded with ctypes. Where that cannot
 work (no compiler, no AVX2/FMA, not x86-64) ``available()`` is False, says why, and callers use torch.
+$FLEXDRAFT_CPU_MATMUL_ISA=avx2 keeps an AVX-512 CPU on the AVX2 variant.
 
 Module / reference / test / benchmark: ``few_rows_matmul`` here, ``few_rows_matmul_reference`` beside it,
 tests/test_kernel_cpu_matmul.py, tests/bench_kernels.py.
@@ -28,16 +31,45 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-TILE = 16        # output columns per tile: two 8-float AVX2 registers
-MAX_ROWS = 6     # rows per pass over a tile: 6 x 2 accumulators + 2 weight registers + 1 broadcast of 16 registers
-# Fewer rows than that leave FMA latency exposed, so they take several tiles per pass (same per-element sums).
-TILES_PER_PASS = {1: 3, 2: 2}
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+TILE = 16   # output columns per tile of the packed layout: two AVX2 registers, or one AVX-512 register
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One instruction set the kernel is generated for. Every variant computes each output as the same in-order FMA
+    chain over k, so all of them give bit-identical results; they differ only in how many columns and rows one pass
+    keeps in registers."""
+    name: str
+    cpu_flags: frozenset
+    cflags: tuple
+    width: int                 # floats per vector register
+    max_rows: int              # rows per pass over a tile: accumulators + weight registers + a broadcast fit the file
+    tiles_per_pass: dict       # fewer rows leave FMA latency exposed, so they take several tiles per pass
+
+    @property
+    def vector(self) -> str:
+        return "__m256" if self.width == 8 else "__m512"
+
+    @property
+    def op(self) -> str:
+        return "_mm256" if self.width == 8 else "_mm512"
+
+
+ISAS = {
+    # 16 ymm registers: 6 rows x 2 halves = 12 accumulators, 2 weight registers, 1 broadcast.
+    "avx2": Isa("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"), 8, 6, {1: 3, 2: 2}),
+    # 32 zmm registers: up to 12 rows x 2 tiles = 24 accumulators, 2 weight registers, 1 broadcast. On a core with
+    # full-width AVX-512 units this doubles the FLOPs per cycle of the compute-bound passes (many rows).
+    "avx512": Isa("avx512", frozenset({"avx512f"}), ("-mavx512f", "-mfma"), 16, 12,
+                  {1: 4, 2: 4, 3: 3, **{r: 2 for r in range(4, 13)}}),
+}
+CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
 
 def few_rows_matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -59,15 +91,17 @@ def pack(weight: torch.Tensor, layout: str = "in_out") -> torch.Tensor:
     return w.float().reshape(K, N // TILE, TILE).permute(1, 0, 2).contiguous()
 
 
-def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """``x [..., K] @ W`` for W packed by ``pack``: fp32 CPU tensors; returns [..., N]."""
+def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None = None,
+                    isa: Isa | None = None) -> torch.Tensor:
+    """``x [..., K] @ W`` for W packed by ``pack``: fp32 CPU tensors; returns [..., N]. ``isa``: a variant other
+    than the one chosen for this CPU (tests, benchmarks)."""
     tiles, K, _ = packed.shape
     if x.shape[-1] != K or x.dtype != torch.float32 or packed.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"few_rows_matmul takes fp32 CPU tensors with K = {K}; got x {tuple(x.shape)} {x.dtype} "
                          f"on {x.device}")
     rows = x.reshape(-1, K).contiguous()
     out = torch.empty(rows.shape[0], tiles * TILE, dtype=torch.float32)
-    _library().few_rows_matmul(rows.data_ptr(), rows.shape[0], K, packed.data_ptr(), out.data_ptr(),
+    (_library() if isa is None else library(isa)).few_rows_matmul(rows.data_ptr(), rows.shape[0], K, packed.data_ptr(), out.data_ptr(),
                                tiles * TILE, threads or torch.get_num_threads())
     return out.view(*x.shape[:-1], tiles * TILE)
 
@@ -112,53 +146,59 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 # ---- build -----------------------------------------------------------------------------------------------------------
-def _pass_function(rows: int, tiles: int) -> list[str]:
-    """C for one pass of ``rows`` rows over ``tiles`` consecutive tiles: a[r][t][half] accumulate over k."""
-    acc = [f"a{r}_{t}_{h}" for r in range(rows) for t in range(tiles) for h in range(2)]
+def _pass_function(isa: Isa, rows: int, tiles: int) -> list[str]:
+    """C for one pass of ``rows`` rows over ``tiles`` consecutive tiles: a[r][t][part] accumulate over k, a tile
+    being ``TILE / width`` registers wide."""
+    parts = TILE // isa.width
+    V, op = isa.vector, isa.op
+    acc = [f"a{r}_{t}_{h}" for r in range(rows) for t in range(tiles) for h in range(parts)]
     lines = [f"static void pass_{rows}x{tiles}(const float *x, int64_t K, const float *w, float *out, int64_t N) {{",
-             f"    __m256 {', '.join(a + ' = _mm256_setzero_ps()' for a in acc)};",
+             f"    {V} {', '.join(a + f' = {op}_setzero_ps()' for a in acc)};",
              "    for (int64_t k = 0; k < K; k++) {",
-             "        __m256 b;"]
+             f"        {V} b;"]
     for t in range(tiles):
-        lines.append(f"        __m256 w{t}_0 = _mm256_loadu_ps(w + ({t} * K + k) * 16), "
-                     f"w{t}_1 = _mm256_loadu_ps(w + ({t} * K + k) * 16 + 8);")
+        loads = ", ".join(f"w{t}_{h} = {op}_loadu_ps(w + ({t} * K + k) * {TILE} + {h * isa.width})"
+                          for h in range(parts))
+        lines.append(f"        {V} {loads};")
     for r in range(rows):
-        lines.append(f"        b = _mm256_broadcast_ss(x + {r} * K + k);")
+        lines.append(f"        b = {op}_set1_ps(x[{r} * K + k]);")
         for t in range(tiles):
-            for h in range(2):
-                lines.append(f"        a{r}_{t}_{h} = _mm256_fmadd_ps(b, w{t}_{h}, a{r}_{t}_{h});")
+            for h in range(parts):
+                lines.append(f"        a{r}_{t}_{h} = {op}_fmadd_ps(b, w{t}_{h}, a{r}_{t}_{h});")
     lines.append("    }")
     for r in range(rows):
         for t in range(tiles):
-            for h in range(2):
-                lines.append(f"    _mm256_storeu_ps(out + {r} * N + {t * TILE + 8 * h}, a{r}_{t}_{h});")
+            for h in range(parts):
+                lines.append(f"    {op}_storeu_ps(out + {r} * N + {t * TILE + h * isa.width}, a{r}_{t}_{h});")
     lines.append("}")
     return lines
 
 
-def source() -> str:
+def source(isa: Isa = ISAS["avx2"]) -> str:
     """The C source: pass functions for every (rows, tiles) pair and the driver that splits tiles over threads."""
+    R, step_of = isa.max_rows, isa.tiles_per_pass
     lines = ["#include <immintrin.h>", "#include <stdint.h>",
-             "/* out[M, N] = x[M, K] @ W, W packed [N/16, K, 16] (kernels/cpu_matmul.py generates this file). */"]
-    for rows in range(1, MAX_ROWS + 1):
-        lines += _pass_function(rows, 1)
-        if TILES_PER_PASS.get(rows, 1) > 1:
-            lines += _pass_function(rows, TILES_PER_PASS[rows])
-    table = ", ".join(f"pass_{r}x1" for r in range(1, MAX_ROWS + 1))
-    wide = ", ".join(f"pass_{r}x{TILES_PER_PASS[r]}" if r in TILES_PER_PASS else "0" for r in range(1, MAX_ROWS + 1))
-    step = ", ".join(str(TILES_PER_PASS.get(r, 1)) for r in range(1, MAX_ROWS + 1))
+             f"/* out[M, N] = x[M, K] @ W, W packed [N/16, K, 16]; {isa.name} (kernels/cpu_matmul.py generates this "
+             f"file). */"]
+    for rows in range(1, R + 1):
+        lines += _pass_function(isa, rows, 1)
+        if step_of.get(rows, 1) > 1:
+            lines += _pass_function(isa, rows, step_of[rows])
+    table = ", ".join(f"pass_{r}x1" for r in range(1, R + 1))
+    wide = ", ".join(f"pass_{r}x{step_of[r]}" if step_of.get(r, 1) > 1 else "0" for r in range(1, R + 1))
+    step = ", ".join(str(step_of.get(r, 1)) for r in range(1, R + 1))
     lines += [
         "typedef void (*pass_fn)(const float *, int64_t, const float *, float *, int64_t);",
-        f"static const pass_fn NARROW[{MAX_ROWS + 1}] = {{0, {table}}};",
-        f"static const pass_fn WIDE[{MAX_ROWS + 1}] = {{0, {wide}}};",
-        f"static const int64_t STEP[{MAX_ROWS + 1}] = {{0, {step}}};",
+        f"static const pass_fn NARROW[{R + 1}] = {{0, {table}}};",
+        f"static const pass_fn WIDE[{R + 1}] = {{0, {wide}}};",
+        f"static const int64_t STEP[{R + 1}] = {{0, {step}}};",
         "void few_rows_matmul(const float *x, int64_t M, int64_t K, const float *w, float *out, int64_t N,",
         "                     int threads) {",
         f"    int64_t tiles = N / {TILE};",
         "    #pragma omp parallel for num_threads(threads) schedule(static)",
         "    for (int64_t g = 0; g < tiles; g++) {",
-        f"        for (int64_t m0 = 0; m0 < M; m0 += {MAX_ROWS}) {{",
-        f"            int64_t r = M - m0 < {MAX_ROWS} ? M - m0 : {MAX_ROWS}, s = STEP[r];",
+        f"        for (int64_t m0 = 0; m0 < M; m0 += {R}) {{",
+        f"            int64_t r = M - m0 < {R} ? M - m0 : {R}, s = STEP[r];",
         "            /* several tiles per pass only from the start of an aligned group that lies wholly inside */",
         "            if (s > 1 && g % s != 0) continue;",
         "            if (s > 1 && g + s <= tiles) {",
@@ -176,6 +216,7 @@ def source() -> str:
 
 _LIB: ctypes.CDLL | None = None
 _WHY_NOT: str | None = None
+ISA: Isa | None = None    # the variant in use, once ``available()`` has run
 
 
 def _cache_dir() -> Path:
@@ -186,7 +227,7 @@ def _cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("flexdraft")) / "kernels"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -196,23 +237,36 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _build() -> ctypes.CDLL:
+def chosen_isa() -> Isa:
+    """The widest variant this CPU runs; $FLEXDRAFT_CPU_MATMUL_ISA (avx2, avx512) picks one instead."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"not an x86-64 CPU ({platform.machine()})")
-    if not {"avx2", "fma"} <= _cpu_flags():
-        raise RuntimeError("this CPU lacks AVX2/FMA")
+    flags, asked = cpu_flags(), os.environ.get("FLEXDRAFT_CPU_MATMUL_ISA")
+    if asked is not None:
+        if asked not in ISAS:
+            raise RuntimeError(f"FLEXDRAFT_CPU_MATMUL_ISA must be one of {', '.join(ISAS)}, got {asked!r}")
+        if not ISAS[asked].cpu_flags <= flags:
+            raise RuntimeError(f"FLEXDRAFT_CPU_MATMUL_ISA={asked}, but this CPU lacks {', '.join(ISAS[asked].cpu_flags - flags)}")
+        return ISAS[asked]
+    for isa in (ISAS["avx512"], ISAS["avx2"]):
+        if isa.cpu_flags <= flags:
+            return isa
+    raise RuntimeError("this CPU lacks AVX2/FMA")
+
+
+def _build(isa: Isa) -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    text = source()
-    digest = hashlib.sha256((text + " ".join(CFLAGS) + compiler).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_matmul-{digest}.so"
+    text, flags = source(isa), [*CFLAGS, *isa.cflags]
+    digest = hashlib.sha256((text + " ".join(flags) + compiler).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_matmul-{isa.name}-{digest}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             c_file, so_file = Path(tmp) / "cpu_matmul.c", Path(tmp) / "cpu_matmul.so"
             c_file.write_text(text)
-            done = subprocess.run([compiler, *CFLAGS, str(c_file), "-o", str(so_file)], capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, str(c_file), "-o", str(so_file)], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
             os.replace(so_file, target)   # atomic: a concurrent build never loads half a file
@@ -223,6 +277,16 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def library(isa: Isa) -> ctypes.CDLL:
+    """The compiled variant for ``isa`` (built on first use, then cached on disk and in the process)."""
+    if isa.name not in _LIBS:
+        _LIBS[isa.name] = _build(isa)
+    return _LIBS[isa.name]
+
+
 def _library() -> ctypes.CDLL:
     if not available():
         raise RuntimeError(f"the packed CPU matmul is unavailable: {_WHY_NOT}")
@@ -231,13 +295,14 @@ def _library() -> ctypes.CDLL:
 
 def available() -> bool:
     """Whether the packed kernel runs here (built on the first call). $FLEXDRAFT_CPU_MATMUL=0 turns it off."""
-    global _LIB, _WHY_NOT
+    global _LIB, _WHY_NOT, ISA
     if _LIB is None and _WHY_NOT is None:
         if os.environ.get("FLEXDRAFT_CPU_MATMUL", "1") == "0":
             _WHY_NOT = "turned off by FLEXDRAFT_CPU_MATMUL=0"
         else:
             try:
-                _LIB = _build()
+                ISA = chosen_isa()
+                _LIB = library(ISA)
             except (RuntimeError, OSError) as exc:
                 _WHY_NOT = str(exc)
     return _LIB is not None

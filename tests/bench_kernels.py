@@ -127,15 +127,19 @@ CPU_MATMUL = [(k, n, rows) for k, n in ((576, 3072), (576, 49152)) for rows in (
 
 
 @pytest.mark.skipif(not cpu_matmul.available(), reason=f"packed CPU matmul: {cpu_matmul.why_unavailable()}")
-@pytest.mark.parametrize("provider", ["packed", "torch"])
+@pytest.mark.parametrize("provider", [f"packed-{name}" for name in cpu_matmul.ISAS] + ["torch"])
 @pytest.mark.parametrize("k,n,rows", CPU_MATMUL)
 def bench_cpu_matmul(benchmark, provider, k, n, rows):
-    """SmolLM2-135M's gate/up projection and lm_head at decode row counts (1 row, a verify block, a batch)."""
+    """SmolLM2-135M's gate/up projection and lm_head at decode row counts (1 row, a verify block, a batch), in
+    each variant this CPU runs (AVX2, AVX-512) and in torch."""
     gen = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
     packed = cpu_matmul.pack(w)
-    if provider == "packed":
-        fn = lambda: cpu_matmul.few_rows_matmul(x, packed)  # noqa: E731
+    if provider.startswith("packed"):
+        isa = cpu_matmul.ISAS[provider.split("-", 1)[1]]
+        if not isa.cpu_flags <= cpu_matmul.cpu_flags():
+            pytest.skip(f"this CPU does not run the {isa.name} variant")
+        fn = lambda: cpu_matmul.few_rows_matmul(x, packed, isa=isa)  # noqa: E731
         torch.testing.assert_close(fn(), cpu_matmul.few_rows_matmul_reference(x, w), rtol=1e-4, atol=1e-3)
     else:
         fn = lambda: cpu_matmul.few_rows_matmul_reference(x, w)  # noqa: E731

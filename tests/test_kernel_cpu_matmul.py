@@ -11,17 +11,25 @@ needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason=f"packed CP
                                   f"{cpu_matmul.why_unavailable()}")
 
 
+def runnable_isas():
+    flags = cpu_matmul.cpu_flags()
+    return [name for name, isa in cpu_matmul.ISAS.items() if isa.cpu_flags <= flags]
+
+
 @needs_kernel
+@pytest.mark.parametrize("isa", list(cpu_matmul.ISAS))
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 13, 25, 40])
 @pytest.mark.parametrize("k,n", [(37, 16), (50, 48), (576, 160), (129, 80)])
-def test_matches_reference_at_odd_shapes(rows, k, n, threads):
-    """Every row count takes a different pass function (1-6 rows, several tiles per pass for 1-2, a partial last
-    group of tiles); odd K and tile counts; outputs poisoned so an unwritten element fails."""
+def test_matches_reference_at_odd_shapes(rows, k, n, threads, isa):
+    """Every row count takes a different pass function (1 .. max_rows, several tiles per pass for few rows, a
+    partial last group of tiles); odd K and tile counts; outputs poisoned so an unwritten element fails."""
+    if isa not in runnable_isas():
+        pytest.skip(f"this CPU does not run the {isa} variant")
     gen = seeded(rows * 1000 + k + n + threads)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
     with poisoned_allocations():
-        out = cpu_matmul.few_rows_matmul(x, cpu_matmul.pack(w), threads=threads)
+        out = cpu_matmul.few_rows_matmul(x, cpu_matmul.pack(w), threads=threads, isa=cpu_matmul.ISAS[isa])
     expected = cpu_matmul.few_rows_matmul_reference(x.double(), w.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * k ** 0.5)
 
@@ -45,6 +53,27 @@ def test_a_row_does_not_depend_on_its_batch(rows):
     together = cpu_matmul.few_rows_matmul(x, packed)
     for i in range(rows):
         assert torch.equal(together[i], cpu_matmul.few_rows_matmul(x[i:i + 1], packed)[0])
+
+
+@needs_kernel
+@pytest.mark.skipif(len(runnable_isas()) < 2, reason="one variant runs on this CPU")
+@pytest.mark.parametrize("rows", [1, 3, 16, 29])
+def test_every_variant_gives_the_same_bits(rows):
+    """The AVX2 and AVX-512 variants run the same in-order FMA chain per output: a model decodes the same tokens
+    whichever this CPU picks."""
+    gen = seeded(rows + 7)
+    x, packed = torch.randn(rows, 333, generator=gen), cpu_matmul.pack(torch.randn(333, 208, generator=gen))
+    outs = [cpu_matmul.few_rows_matmul(x, packed, isa=cpu_matmul.ISAS[name]) for name in runnable_isas()]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_a_variant_can_be_asked_for_by_name(monkeypatch):
+    monkeypatch.setenv("FLEXDRAFT_CPU_MATMUL_ISA", "avx2")
+    if "avx2" in runnable_isas():
+        assert cpu_matmul.chosen_isa().name == "avx2"
+    monkeypatch.setenv("FLEXDRAFT_CPU_MATMUL_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="must be one of avx2, avx512"):
+        cpu_matmul.chosen_isa()
 
 
 def test_bad_inputs_are_refused():

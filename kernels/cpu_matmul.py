@@ -51,6 +51,7 @@ class Isa:
     width: int                 # floats per vector register
     max_rows: int              # rows per pass over a tile: accumulators + weight registers + a broadcast fit the file
     tiles_per_pass: dict       # fewer rows leave FMA latency exposed, so they take several tiles per pass
+    packed_max_rows: int       # inference products of up to this many rows take this kernel rather than BLAS
 
     @property
     def vector(self) -> str:
@@ -63,11 +64,14 @@ class Isa:
 
 ISAS = {
     # 16 ymm registers: 6 rows x 2 halves = 12 accumulators, 2 weight registers, 1 broadcast.
-    "avx2": Isa("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"), 8, 6, {1: 3, 2: 2}),
+    # Faster than MKL at every count from 1 to 128 rows, at 1 and 2 threads (AVX2 EPYC).
+    "avx2": Isa("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"), 8, 6, {1: 3, 2: 2}, 128),
     # 32 zmm registers: up to 12 rows x 2 tiles = 24 accumulators, 2 weight registers, 1 broadcast. On a core with
-    # full-width AVX-512 units this doubles the FLOPs per cycle of the compute-bound passes (many rows).
+    # full-width AVX-512 units this doubles the FLOPs per cycle of the compute-bound passes (many rows). On the
+    # AVX512-BF16 EPYC it ran 2.0-2.8x MKL's fp32 GEMM at 64-2048 rows (576x3072, 1536x576, 1 thread), so it takes
+    # prefill too (MKL seems to run its AVX2 code on that AMD CPU).
     "avx512": Isa("avx512", frozenset({"avx512f"}), ("-mavx512f", "-mfma"), 16, 12,
-                  {1: 4, 2: 4, 3: 3, **{r: 2 for r in range(4, 13)}}),
+                  {1: 4, 2: 4, 3: 3, **{r: 2 for r in range(4, 13)}}, 2048),
 }
 CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
@@ -107,10 +111,6 @@ def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None =
 
 
 # ---- the dispatcher: products of the model and the draft head --------------------------------------------------
-PACKED_MAX_ROWS = 128  # fp32 inference products of up to this many rows take the packed kernel (measured: faster
-                       # than MKL at every count from 1 to 128 rows, at 1 and 2 threads)
-
-
 def packed_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
     """The weight packed for ``few_rows_matmul``, made once and remade when the weight changes in place."""
     key = (weight._version, weight.data_ptr(), layout)
@@ -125,10 +125,10 @@ def takes_packed_path(x: torch.Tensor, weight: torch.Tensor, columns: int) -> bo
     """Whether ``x @ weight`` may run in the packed CPU kernel: an fp32 product of few rows, not under autocast, and
     nothing for autograd to track (the kernel has no backward)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.numel() // x.shape[-1] <= PACKED_MAX_ROWS and columns % TILE == 0
+            and columns % TILE == 0
             and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and available())
+            and available() and x.numel() // x.shape[-1] <= ISA.packed_max_rows)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

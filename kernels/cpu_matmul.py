@@ -105,8 +105,9 @@ def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None =
                          f"on {x.device}")
     rows = x.reshape(-1, K).contiguous()
     out = torch.empty(rows.shape[0], tiles * TILE, dtype=torch.float32)
-    (_library() if isa is None else library(isa)).few_rows_matmul(rows.data_ptr(), rows.shape[0], K, packed.data_ptr(), out.data_ptr(),
-                               tiles * TILE, threads or torch.get_num_threads())
+    lib = _library() if isa is None else library(isa)
+    lib.few_rows_matmul(rows.data_ptr(), rows.shape[0], K, packed.data_ptr(), out.data_ptr(), tiles * TILE,
+                        threads or torch.get_num_threads())
     return out.view(*x.shape[:-1], tiles * TILE)
 
 

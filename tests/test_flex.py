@@ -66,6 +66,18 @@ def test_flex_falls_back_to_ar_when_nothing_is_accepted():
     assert {row["choice"]["mode"] for row in result["by_batch"].values()} == {"ar"}
 
 
+def test_speculation_must_beat_ar_by_the_margin():
+    """A speculative mode predicted only a little faster than ar is not chosen: the prediction's own error is larger."""
+    costs = CostTable.from_rows(synthetic_costs())
+    rows = crossover(costs, synthetic_profile(3.0), [1, 32], context=256, margin=1.0)["by_batch"]
+    gain = {b: max(row[m]["tokens_per_s"] for m in ("parallel", "sequential")) / row["ar"]["tokens_per_s"]
+            for b, row in rows.items()}
+    assert all(g > 1 for g in gain.values()) and {row["choice"]["mode"] for row in rows.values()} != {"ar"}
+    above = crossover(costs, synthetic_profile(3.0), [1, 32], context=256, margin=max(gain.values()) * 1.01)
+    assert {row["choice"]["mode"] for row in above["by_batch"].values()} == {"ar"}
+    assert above["by_batch"][1]["choice"]["verify_threshold"] is None
+
+
 def test_prediction_counts_the_longest_verify_length_of_the_batch():
     costs = CostTable.from_rows(synthetic_costs())
     profile = synthetic_profile(2.0)

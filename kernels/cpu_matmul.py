@@ -68,10 +68,10 @@ ISAS = {
     "avx2": Isa("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"), 8, 6, {1: 3, 2: 2}, 128),
     # 32 zmm registers: up to 12 rows x 2 tiles = 24 accumulators, 2 weight registers, 1 broadcast. On a core with
     # full-width AVX-512 units this doubles the FLOPs per cycle of the compute-bound passes (many rows). On the
-    # AVX512-BF16 EPYC it ran 2.0-2.8x MKL's fp32 GEMM at 64-2048 rows (576x3072, 1536x576, 1 thread), so it takes
+    # AVX512-BF16 EPYC it ran 1.8-2.8x MKL's fp32 GEMM at 64-8192 rows (576x3072, 1536x576, 1 thread), so it takes
     # prefill too (MKL seems to run its AVX2 code on that AMD CPU).
     "avx512": Isa("avx512", frozenset({"avx512f"}), ("-mavx512f", "-mfma"), 16, 12,
-                  {1: 4, 2: 4, 3: 3, **{r: 2 for r in range(4, 13)}}, 2048),
+                  {1: 4, 2: 4, 3: 3, **{r: 2 for r in range(4, 13)}}, 8192),
 }
 CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 

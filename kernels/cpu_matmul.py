@@ -238,21 +238,30 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def runnable_isas() -> list[str]:
+    """The variants this CPU runs, widest first (none off x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    flags = cpu_flags()
+    return [name for name in ("avx512", "avx2") if ISAS[name].cpu_flags <= flags]
+
+
 def chosen_isa() -> Isa:
     """The widest variant this CPU runs; $FLEXDRAFT_CPU_MATMUL_ISA (avx2, avx512) picks one instead."""
+    asked = os.environ.get("FLEXDRAFT_CPU_MATMUL_ISA")
+    if asked is not None and asked not in ISAS:
+        raise RuntimeError(f"FLEXDRAFT_CPU_MATMUL_ISA must be one of {', '.join(ISAS)}, got {asked!r}")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"not an x86-64 CPU ({platform.machine()})")
-    flags, asked = cpu_flags(), os.environ.get("FLEXDRAFT_CPU_MATMUL_ISA")
+    runnable = runnable_isas()
     if asked is not None:
-        if asked not in ISAS:
-            raise RuntimeError(f"FLEXDRAFT_CPU_MATMUL_ISA must be one of {', '.join(ISAS)}, got {asked!r}")
-        if not ISAS[asked].cpu_flags <= flags:
-            raise RuntimeError(f"FLEXDRAFT_CPU_MATMUL_ISA={asked}, but this CPU lacks {', '.join(ISAS[asked].cpu_flags - flags)}")
+        if asked not in runnable:
+            raise RuntimeError(f"FLEXDRAFT_CPU_MATMUL_ISA={asked}, but this CPU lacks "
+                               f"{', '.join(sorted(ISAS[asked].cpu_flags - cpu_flags()))}")
         return ISAS[asked]
-    for isa in (ISAS["avx512"], ISAS["avx2"]):
-        if isa.cpu_flags <= flags:
-            return isa
-    raise RuntimeError("this CPU lacks AVX2/FMA")
+    if not runnable:
+        raise RuntimeError("this CPU lacks AVX2/FMA")
+    return ISAS[runnable[0]]
 
 
 def _build(isa: Isa) -> ctypes.CDLL:

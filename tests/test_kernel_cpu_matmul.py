@@ -11,11 +11,6 @@ needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason=f"packed CP
                                   f"{cpu_matmul.why_unavailable()}")
 
 
-def runnable_isas():
-    flags = cpu_matmul.cpu_flags()
-    return [name for name, isa in cpu_matmul.ISAS.items() if isa.cpu_flags <= flags]
-
-
 @needs_kernel
 @pytest.mark.parametrize("isa", list(cpu_matmul.ISAS))
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -24,7 +19,7 @@ def runnable_isas():
 def test_matches_reference_at_odd_shapes(rows, k, n, threads, isa):
     """Every row count takes a different pass function (1 .. max_rows, several tiles per pass for few rows, a
     partial last group of tiles); odd K and tile counts; outputs poisoned so an unwritten element fails."""
-    if isa not in runnable_isas():
+    if isa not in cpu_matmul.runnable_isas():
         pytest.skip(f"this CPU does not run the {isa} variant")
     gen = seeded(rows * 1000 + k + n + threads)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
@@ -56,20 +51,21 @@ def test_a_row_does_not_depend_on_its_batch(rows):
 
 
 @needs_kernel
-@pytest.mark.skipif(len(runnable_isas()) < 2, reason="one variant runs on this CPU")
+@pytest.mark.skipif(len(cpu_matmul.runnable_isas()) < 2, reason="one variant runs on this CPU")
 @pytest.mark.parametrize("rows", [1, 3, 16, 29])
 def test_every_variant_gives_the_same_bits(rows):
     """The AVX2 and AVX-512 variants run the same in-order FMA chain per output: a model decodes the same tokens
     whichever this CPU picks."""
     gen = seeded(rows + 7)
     x, packed = torch.randn(rows, 333, generator=gen), cpu_matmul.pack(torch.randn(333, 208, generator=gen))
-    outs = [cpu_matmul.few_rows_matmul(x, packed, isa=cpu_matmul.ISAS[name]) for name in runnable_isas()]
+    outs = [cpu_matmul.few_rows_matmul(x, packed, isa=cpu_matmul.ISAS[name])
+            for name in cpu_matmul.runnable_isas()]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_a_variant_can_be_asked_for_by_name(monkeypatch):
     monkeypatch.setenv("FLEXDRAFT_CPU_MATMUL_ISA", "avx2")
-    if "avx2" in runnable_isas():
+    if "avx2" in cpu_matmul.runnable_isas():
         assert cpu_matmul.chosen_isa().name == "avx2"
     monkeypatch.setenv("FLEXDRAFT_CPU_MATMUL_ISA", "sse9")
     with pytest.raises(RuntimeError, match="must be one of avx2, avx512"):

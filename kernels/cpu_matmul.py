@@ -215,9 +215,8 @@ def source(isa: Isa = ISAS["avx2"]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_LIB: ctypes.CDLL | None = None
 _WHY_NOT: str | None = None
-ISA: Isa | None = None    # the variant in use, once ``available()`` has run
+ISA: Isa | None = None    # the variant in use, once ``available()`` has built it
 
 
 def _cache_dir() -> Path:
@@ -238,9 +237,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def _x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def runnable_isas() -> list[str]:
     """The variants this CPU runs, widest first (none off x86-64)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _x86_64():
         return []
     flags = cpu_flags()
     return [name for name in ("avx512", "avx2") if ISAS[name].cpu_flags <= flags]
@@ -251,7 +254,7 @@ def chosen_isa() -> Isa:
     asked = os.environ.get("FLEXDRAFT_CPU_MATMUL_ISA")
     if asked is not None and asked not in ISAS:
         raise RuntimeError(f"FLEXDRAFT_CPU_MATMUL_ISA must be one of {', '.join(ISAS)}, got {asked!r}")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _x86_64():
         raise RuntimeError(f"not an x86-64 CPU ({platform.machine()})")
     runnable = runnable_isas()
     if asked is not None:
@@ -300,22 +303,23 @@ def library(isa: Isa) -> ctypes.CDLL:
 def _library() -> ctypes.CDLL:
     if not available():
         raise RuntimeError(f"the packed CPU matmul is unavailable: {_WHY_NOT}")
-    return _LIB
+    return library(ISA)
 
 
 def available() -> bool:
     """Whether the packed kernel runs here (built on the first call). $FLEXDRAFT_CPU_MATMUL=0 turns it off."""
-    global _LIB, _WHY_NOT, ISA
-    if _LIB is None and _WHY_NOT is None:
+    global _WHY_NOT, ISA
+    if ISA is None and _WHY_NOT is None:
         if os.environ.get("FLEXDRAFT_CPU_MATMUL", "1") == "0":
             _WHY_NOT = "turned off by FLEXDRAFT_CPU_MATMUL=0"
         else:
             try:
-                ISA = chosen_isa()
-                _LIB = library(ISA)
+                isa = chosen_isa()
+                library(isa)
+                ISA = isa
             except (RuntimeError, OSError) as exc:
                 _WHY_NOT = str(exc)
-    return _LIB is not None
+    return ISA is not None
 
 
 def why_unavailable() -> str | None:

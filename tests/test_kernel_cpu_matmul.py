@@ -83,7 +83,7 @@ def test_bad_inputs_are_refused():
 
 
 def test_turned_off_it_says_why(monkeypatch):
-    monkeypatch.setattr(cpu_matmul, "_LIB", None)
+    monkeypatch.setattr(cpu_matmul, "ISA", None)
     monkeypatch.setattr(cpu_matmul, "_WHY_NOT", None)
     monkeypatch.setenv("FLEXDRAFT_CPU_MATMUL", "0")
     assert not cpu_matmul.available()

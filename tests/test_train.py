@@ -188,3 +188,59 @@ def test_a_calibration_only_stage_trains_the_mlp_and_nothing_else(toy, tmp_path)
     assert sum(r["loss"] for r in history[-5:]) < 0.7 * sum(r["loss"] for r in history[:5])
     before, after = acceptance(model, start, held_out), acceptance(model, stage, held_out)
     assert after > before + 0.3, (before, after)
+
+
+def test_the_engine_drafts_what_training_scores(toy, monkeypatch):
+    """Training's block logits at an anchor and the engine's drafts from the same prefix are one computation: the
+    prefill's block and every group of a parallel step (one per possible acceptance length) draft the argmax of
+    the calibrated block logits at that anchor, with its probability. A mismatch in positions, anchors or the
+    bonus fed to calibration would train one drafter and run another."""
+    from flexdraft.batch import Stats
+    from flexdraft.rng import Streams
+    from flexdraft.speculative import mask_block, next_drafts, prefill_with_drafts
+    from flexdraft.train import block_logits
+    from kernels import backend
+
+    monkeypatch.setattr(backend, "cpu_bf16_is_fast", lambda: False)   # the head in fp32, as training scores it
+    model, _, _ = toy
+    drafter = Drafter.initialise(model, 2, 5, 16, seed=0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():   # every weight matters (a fresh calibration MLP outputs zeros)
+        for p in drafter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.std().clamp(min=0.5))
+    # The target's own greedy path, so the bonus the engine resolves is the token training feeds calibration.
+    prompt = torch.randint(0, model.config.vocab_size, (9,), generator=g).tolist()
+    path, _ = generate_ar(model, [prompt], 20, SamplingParams(), [[-1]], torch.arange(1))
+    tokens = torch.tensor([prompt + path.results()[0][0]])
+    params, spec, streams = SamplingParams(), SpecConfig(), Streams(torch.tensor([0]))
+    clean, _ = clean_pass(model, tokens)
+
+    def trained_drafts(anchors: list[int]) -> tuple[list, torch.Tensor]:
+        _, calibrated, _, _ = block_logits(model, drafter, clean, tokens, torch.tensor([anchors]))
+        confidence, best = torch.softmax(calibrated[0], dim=-1).max(dim=-1)
+        return drafter.target_ids(best).tolist(), confidence
+
+    def engine_drafts(blocks) -> tuple[list, torch.Tensor]:
+        return [d.tokens[0].tolist() for d in blocks], torch.stack([d.confidence[0] for d in blocks])
+
+    def prefill(anchor: int):
+        cache = model.new_cache(1, 40)
+        _, drafts = prefill_with_drafts(model, drafter, [tokens[0, : anchor + 1].tolist()], cache, params, spec,
+                                        streams, Stats())
+        return cache, drafts
+
+    def same(engine, trained):
+        assert engine[0] == trained[0]
+        torch.testing.assert_close(engine[1], trained[1], rtol=1e-4, atol=1e-6)
+        assert engine[1].std() > 0.05   # the drafts differ, so a block read from the wrong place shows
+
+    anchors = list(range(9, 26, 2))
+    same(engine_drafts([prefill(a)[1] for a in anchors]), trained_drafts(anchors))
+    # A parallel step after the prefill: [bonus, 3 drafts] at positions 10..13; group a sees the cache up to 10 + a.
+    cache, _ = prefill(9)
+    step = tokens[:, 10:14]
+    masks = mask_block(cache.lengths, step.shape[1], drafter.block_size)
+    _, mask_hidden = model(step, cache.lengths[:, None] + torch.arange(4)[None], cache, masks, drafter)
+    groups = mask_hidden.view(1, 4, drafter.block_size, -1)
+    same(engine_drafts([next_drafts(model, drafter, groups[:, a], tokens[:, 11 + a], params, spec, streams)
+                        for a in range(4)]), trained_drafts([10, 11, 12, 13]))

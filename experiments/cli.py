@@ -163,7 +163,8 @@ def command_roofline(args) -> int:
     else:
         log(f"ceilings on {current_slug(model.device)} ...")
         ceilings = measure_ceilings(model.device, model.dtype, quick=args.quick)
-        log(f"  {ceilings['bandwidth'] / 1e9:.1f} GB/s copy, {ceilings['peak_flops'] / 1e9:.1f} GFLOP/s GEMM")
+        log(f"  {ceilings['bandwidth'] / 1e9:.1f} GB/s copy, {ceilings['peak_flops'] / 1e9:.1f} GFLOP/s GEMM "
+            f"({ceilings['gemm_source']})")
         rows = measure_costs(model, drafter, grid, log)
         extra["grid"] = asdict(grid)
     if args.acceptance:

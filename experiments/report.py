@@ -234,7 +234,8 @@ def section_roofline(entry: dict, out: Path, lines: list[str]) -> None:
     df = pd.DataFrame([p for p in points if p["context"] in (context, 0)])
     lines += ["## Roofline", "",
               f"Ceilings: {c['bandwidth'] / 1e9:.1f} GB/s (copy of {c['copy_bytes'] / 2**20:.0f} MiB, read + write), "
-              f"{c['peak_flops'] / 1e9:.1f} GFLOP/s ({c['dtype']} GEMM, n = {c['gemm_n']}); ridge "
+              f"{c['peak_flops'] / 1e9:.1f} GFLOP/s ({c['dtype']} GEMM, n = {c['gemm_n']}"
+              f"{', ' + c['gemm_source'] if 'gemm_source' in c else ''}); ridge "
               f"{c['peak_flops'] / c['bandwidth']:.1f} FLOP/byte. Each point's floor is max(bytes / bandwidth, "
               "FLOPs / peak) from the bytes and FLOPs model (weights once per pass, K/V once per sequence, useful "
               f"FLOPs only). Times in ms (median); context {context}.", ""]

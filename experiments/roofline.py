@@ -166,7 +166,10 @@ def time_interleaved(calls: dict, repeats: int, min_sample_s: float, device, clo
 
 
 def measure_ceilings(device="cpu", dtype=torch.float32, quick: bool = False, repeats: int = 5) -> dict:
-    """Bandwidth from a large copy ((read + write) bytes / s) and peak FLOP/s from a large square GEMM in ``dtype``."""
+    """Bandwidth from a large copy ((read + write) bytes / s) and peak FLOP/s from a large square GEMM in ``dtype``:
+    the faster of BLAS and the runtime's own product (on a CPU the packed kernel, which beats BLAS on some hosts)."""
+    from kernels.cpu_matmul import linear
+
     cuda = torch.device(device).type == "cuda"
     numel = (4 << 20) if quick else ((1 << 30) if cuda else (64 << 20))
     n = 256 if quick else (8192 if cuda else 2048)
@@ -174,10 +177,16 @@ def measure_ceilings(device="cpu", dtype=torch.float32, quick: bool = False, rep
     dst = torch.empty_like(src)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    samples = time_interleaved({"copy": lambda: dst.copy_(src), "gemm": lambda: a @ b}, repeats,
-                               0.0 if not quick else 0.002, device)
-    copy_s, gemm_s = statistics.median(samples["copy"]), statistics.median(samples["gemm"])
-    return {"bandwidth": 2 * src.numel() * src.element_size() / copy_s, "peak_flops": 2.0 * n ** 3 / gemm_s,
+    calls = {"copy": lambda: dst.copy_(src), "gemm": lambda: a @ b}
+    if not cuda:
+        calls["gemm_runtime"] = lambda: linear(a, b)
+    samples = time_interleaved(calls, repeats, 0.0 if not quick else 0.002, device)
+    copy_s = statistics.median(samples["copy"])
+    gemm = {key: 2.0 * n ** 3 / statistics.median(samples[key]) for key in calls if key.startswith("gemm")}
+    source = max(gemm, key=gemm.get)
+    return {"bandwidth": 2 * src.numel() * src.element_size() / copy_s, "peak_flops": gemm[source],
+            "gemm_source": {"gemm": "BLAS", "gemm_runtime": "the runtime's product"}[source],
+            "gemm_flops": {key: round(v) for key, v in gemm.items()},
             "copy_bytes": 2 * src.numel() * src.element_size(), "gemm_n": n, "dtype": str(dtype).removeprefix("torch."),
             "samples": {k: [round(x, 7) for x in v] for k, v in samples.items()}}
 

@@ -227,3 +227,13 @@ def test_flex_on_the_default_model_says_where_its_policy_comes_from(capsys):
     assert outputs["flex"]["outputs"][0]["token_ids"] == outputs["ar"]["outputs"][0]["token_ids"]
     assert outputs["flex"]["policy"].startswith(("measured:", "conservative default"))
     assert "policy" not in outputs["ar"]
+
+
+def test_the_compute_ceiling_is_the_faster_of_blas_and_the_runtimes_own_product():
+    """On a CPU where the packed kernel beats BLAS, a BLAS-only ceiling would put measured points above the roof."""
+    from experiments.roofline import measure_ceilings
+
+    c = measure_ceilings("cpu", quick=True, repeats=3)
+    assert set(c["gemm_flops"]) == {"gemm", "gemm_runtime"} and min(c["gemm_flops"].values()) > 0
+    assert c["peak_flops"] == pytest.approx(max(c["gemm_flops"].values()), rel=1e-6)
+    assert c["gemm_source"] in ("BLAS", "the runtime's product") and c["bandwidth"] > 0

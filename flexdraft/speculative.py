@@ -20,7 +20,7 @@ import torch
 
 from flexdraft.batch import Batch, Stats
 from flexdraft.drafter import Drafter
-from flexdraft.generate import choose_tokens, decode_one_token, last_hidden, pad_prompts
+from flexdraft.generate import choose_tokens, decode_one_token, prefill
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, probabilities
@@ -121,12 +121,10 @@ def verify(logits: torch.Tensor, drafts: Drafts, num_drafts: torch.Tensor, kv_le
 def prefill_with_drafts(model, drafter, prompts, cache: KVCache, params, spec, streams, stats, drafts: bool = True):
     """Prompts through all layers plus one mask block after each; returns the first token and the first drafts
     (without ``drafts``: no mask block, and None)."""
-    tokens, positions, lengths = pad_prompts(prompts, model.device)
-    masks = mask_block(lengths - 1, 1, drafter.block_size) if drafts else None
+    block = (lambda lengths: mask_block(lengths - 1, 1, drafter.block_size)) if drafts else None
     with timed(stats, "target_forward"):
-        clean_hidden, mask_hidden = model(tokens, positions, cache, masks, drafter)
-        bonus = choose_tokens(model.logits(last_hidden(clean_hidden, lengths)), params, streams)
-    cache.lengths = lengths.clone()
+        last, mask_hidden = prefill(model, prompts, cache, block, drafter)
+        bonus = choose_tokens(model.logits(last), params, streams)
     if not drafts:
         return bonus, None
     stats.mask_tokens += mask_hidden.shape[0] * mask_hidden.shape[1]

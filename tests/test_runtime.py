@@ -52,6 +52,41 @@ def test_incremental_decoding_equals_one_pass(tiny_checkpoint):
     torch.testing.assert_close(torch.cat(steps, dim=1), one_pass, rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_passes_group_similar_lengths():
+    from flexdraft.generate import prefill_passes
+
+    lengths = [5, 100, 6, 98, 7]
+    assert sorted(map(sorted, prefill_passes(lengths, 32))) == [[0, 2, 4], [1, 3]]
+    assert prefill_passes(lengths, 10_000) == [[0, 2, 4, 3, 1]]          # a pass costs more than any padding
+    assert sorted(map(sorted, prefill_passes(lengths, 0))) == [[0], [1], [2], [3], [4]]
+    assert sorted(i for p in prefill_passes([3] * 7 + [50, 60], 4) for i in p) == list(range(9))
+
+
+def test_prefill_in_passes_fills_the_cache_as_one_padded_pass(tiny_checkpoint):
+    """Each row's K/V and last hidden state are what one padded pass gives, whichever pass ran the row."""
+    from flexdraft.generate import last_hidden, prefill, prefill_passes
+
+    ours = load_model(tiny_checkpoint("qwen3"))
+    torch.manual_seed(5)
+    lengths = [3, 41, 4, 38, 2]
+    assert len(prefill_passes(lengths, 32)) == 2
+    prompts = [torch.randint(0, ours.config.vocab_size, (n,)).tolist() for n in lengths]
+    tokens, positions, _ = pad_prompts(prompts, "cpu")
+    with torch.no_grad():
+        expected_cache = ours.new_cache(len(prompts), 48)
+        hidden, _ = ours(tokens, positions, expected_cache)
+        expected = last_hidden(hidden, torch.tensor(lengths))
+        cache = ours.new_cache(len(prompts), 48)
+        cache.k.fill_(float("nan"))   # poison: what the passes leave unwritten past a prompt must not be read
+        cache.v.fill_(float("nan"))
+        got, _ = prefill(ours, prompts, cache)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == lengths
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(cache.k[:, row, :, :n], expected_cache.k[:, row, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.v[:, row, :, :n], expected_cache.v[:, row, :, :n], rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_runtime_stays_close_to_float32(tiny_checkpoint):
     path = tiny_checkpoint("llama")
     fp32, bf16 = load_model(path), load_model(path, torch.bfloat16)

@@ -147,6 +147,10 @@ def training_curve(history: list[dict], path: Path) -> Path:
     right.plot([h["step"] for h in evals], [h["tau"] for h in evals], "o-", color="#d62728", label="calibrated")
     right.plot([h["step"] for h in evals], [h.get("tau_raw") for h in evals], "s--", color="#1f77b4",
                label="without calibration")
+    walked = [h for h in evals if "tau_walk" in h]
+    if walked:
+        right.plot([h["step"] for h in walked], [h["tau_walk"] for h in walked], "^-", color="#2ca02c",
+                   label="calibrated, decoding as the engine does")
     right.set_xlabel("step")
     right.set_ylabel("held-out mean accepted length")
     right.legend()

@@ -98,9 +98,13 @@ def section_training(state_path: Path, out: Path) -> list[str]:
              f"calibration rank {state['drafter_config']['calibration_rank']}, draft vocabulary "
              f"{state['drafter_config'].get('draft_vocab_size') or 'the whole'} words.", ""]
     if evals:
-        lines += ["| step | held-out mean accepted length | without calibration | loss |", "|---|---|---|---|"]
-        lines += [f"| {h['step']} | {h['tau']:.3f} | {h.get('tau_raw', float('nan')):.3f} | {h['loss']:.3f} |"
-                  for h in evals]
+        lines += ["Held-out figures are teacher-forced on held-out corpus answers, every draft verified: averaged over "
+                  "random anchors, and (where recorded) walked from the prompt's end as the engine decodes, which "
+                  "lands more steps where drafts miss.", "",
+                  "| step | held-out mean accepted length | without calibration | decoding as the engine does | loss |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {h['step']} | {h['tau']:.3f} | {h.get('tau_raw', float('nan')):.3f} "
+                  f"| {format(h['tau_walk'], '.3f') if 'tau_walk' in h else '-'} | {h['loss']:.3f} |" for h in evals]
         lines.append("")
     return lines + [f"![training]({plot.name})", ""]
 

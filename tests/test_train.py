@@ -8,8 +8,8 @@ from flexdraft.drafter import Drafter
 from flexdraft.generate import generate_ar
 from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import SpecConfig, generate_speculative
-from flexdraft.train import SplitStates, TrainConfig, acceptance, clean_pass, pad_sequences, train
-from helpers import tiny_target
+from flexdraft.train import SplitStates, TrainConfig, acceptance, clean_pass, pad_sequences, train, walked_acceptance
+from helpers import random_prompts, tiny_target
 
 
 def constant_runs(vocab, count, seed):
@@ -46,6 +46,7 @@ def test_training_lowers_loss_and_raises_acceptance(toy, tmp_path):
     assert sum(r["loss"] for r in last) < 0.7 * sum(r["loss"] for r in first)
     after = acceptance(model, drafter, held_out)
     assert after > before + 0.5, (before, after)
+    assert history[-1]["tau"] == pytest.approx(after, abs=1e-4) and 1.0 <= history[-1]["tau_walk"] <= 5
     # The trained drafter is still lossless, and it now makes the engine accept more than one token per forward.
     prompts = [r["prompt_ids"] for r in held_out[:3]]
     expected, _ = generate_ar(model, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3))
@@ -244,3 +245,31 @@ def test_the_engine_drafts_what_training_scores(toy, monkeypatch):
     groups = mask_hidden.view(1, 4, drafter.block_size, -1)
     same(engine_drafts([next_drafts(model, drafter, groups[:, a], tokens[:, 11 + a], params, spec, streams)
                         for a in range(4)]), trained_drafts([10, 11, 12, 13]))
+
+
+def test_walked_acceptance_is_what_the_engine_measures(toy, tmp_path, monkeypatch):
+    """On the target's own greedy answers, walking the teacher-forced blocks from the prompt's end gives the
+    engine's mean accepted length (parallel, every draft verified, the prefill step left out) exactly: the same
+    steps land on the same anchors, and the last token is never a draft."""
+    from kernels import backend
+
+    monkeypatch.setattr(backend, "cpu_bf16_is_fast", lambda: False)   # the head in fp32, as training scores it
+    model, _, _ = toy
+    n = 25
+
+    def self_distilled(count, seed):
+        prompts = random_prompts(model.config.vocab_size, [5 + (3 * i) % 11 for i in range(count)], seed=seed)
+        stop = [[-1]] * count
+        answers, _ = generate_ar(model, prompts, n, SamplingParams(), stop, torch.arange(count))
+        return prompts, stop, [{"prompt_ids": p, "response_ids": r} for p, r in zip(prompts, answers.results()[0])]
+
+    drafter = train(model, self_distilled(64, 0)[2], [], tmp_path / "run", small_config(steps=100),
+                    log=lambda *_: None)
+    prompts, stop, corpus = self_distilled(8, 3)
+    _, stats = generate_speculative(model, drafter, prompts, n, SamplingParams(), stop, torch.arange(len(prompts)),
+                                    "parallel", SpecConfig(verify_threshold=0.0, calibration=False))
+    engine = (stats.new_tokens - len(prompts)) / (stats.row_forwards - len(prompts))
+    walked = walked_acceptance(model, drafter, corpus, calibrate=False, batch=3)   # batches split unevenly
+    assert 1.3 < engine < drafter.block_size   # some blocks land, some miss: the walk has work to do
+    assert walked == pytest.approx(engine, rel=1e-12)
+    assert walked < acceptance(model, drafter, corpus, calibrate=False)

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -171,6 +171,22 @@ class Drafter(nn.Module):
             w1 = torch.randn(drafter.calib_w1.shape, generator=generator) / (2 * target.config.hidden_size) ** 0.5
             drafter.calib_w1.copy_(w1)
         return drafter
+
+    def widen_calibration(self, rank: int, seed: int = 0) -> None:
+        """Grow the calibration MLP to ``rank`` hidden units without changing what it computes: the new units get
+        random input weights (drawn as ``initialise`` draws them) and zero output weights, so training starts from
+        the drafter as it was."""
+        old = self.config.calibration_rank
+        if rank <= old:
+            return
+        generator = torch.Generator().manual_seed(seed)
+        extra_w1 = torch.randn(rank - old, self.calib_w1.shape[1], generator=generator) / (self.calib_w1.shape[1] ** 0.5)
+        like = dict(device=self.calib_w1.device, dtype=self.calib_w1.dtype)
+        with torch.no_grad():
+            self.calib_w1 = nn.Parameter(torch.cat([self.calib_w1, extra_w1.to(**like)]))
+            self.calib_b1 = nn.Parameter(torch.cat([self.calib_b1, torch.zeros(rank - old, **like)]))
+            self.calib_w2 = nn.Parameter(torch.cat([self.calib_w2, torch.zeros(self.calib_w2.shape[0], rank - old, **like)], 1))
+        self.config = replace(self.config, calibration_rank=rank)
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
         """Write safetensors + JSON atomically: an interrupt never leaves half a drafter."""

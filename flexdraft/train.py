@@ -39,7 +39,7 @@ class TrainConfig:
     steps: int = 400
     num_tuned_layers: int | None = None
     block_size: int = 4              # block 4 x 64 beat 16 x 16 at equal cost (reports/drafter/experiments.md)
-    calibration_rank: int = 256
+    calibration_rank: int = 256      # with init_from: a larger rank widens the loaded MLP, a smaller one is ignored
     sequences_per_step: int = 4
     blocks_per_sequence: int = 64
     lr: float = 1e-2                 # 1e-2 beat 1e-3 and 3e-3; 2e-2 was worse
@@ -367,6 +367,9 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         log(f"resuming from step {start} in {out}")
     elif init_from is not None:
         drafter = Drafter.load(init_from, model).float()
+        if config.calibration_rank > drafter.config.calibration_rank:
+            log(f"widening the calibration MLP from rank {drafter.config.calibration_rank} to {config.calibration_rank}")
+            drafter.widen_calibration(config.calibration_rank, seed=config.seed)
         for p in drafter.parameters():
             p.requires_grad_(True)
         optimizer, start, history = factory(drafter), 0, []

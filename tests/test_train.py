@@ -96,6 +96,27 @@ def test_training_can_continue_from_a_saved_drafter(toy, tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_a_larger_calibration_rank_widens_a_saved_drafter(toy, tmp_path):
+    """--init-from with a larger --calibration-rank starts from the saved drafter's exact calibration (the new units
+    are a no-op) and then trains the new units."""
+    from kernels.draft_head import calibration_logits
+
+    model, rows, _ = toy
+    train(model, rows, [], tmp_path / "a", small_config(steps=10, save_every=10), log=lambda *_: None)
+    saved = Drafter.load(tmp_path / "a" / "drafter", model)
+    widened = Drafter.load(tmp_path / "a" / "drafter", model)
+    widened.widen_calibration(40, seed=3)
+    assert widened.config.calibration_rank == 40 and widened.calib_w2.shape[1] == 40
+    h = model.config.hidden_size
+    normed, bonus = torch.randn(7, h), torch.randn(7, h)
+    torch.testing.assert_close(calibration_logits(normed, bonus, widened.calibration),
+                               calibration_logits(normed, bonus, saved.calibration))
+    continued = train(model, rows, [], tmp_path / "b", small_config(steps=5, calibration_rank=40, save_every=5),
+                      log=lambda *_: None, init_from=tmp_path / "a" / "drafter")
+    assert Drafter.load(tmp_path / "b" / "drafter", model).config.calibration_rank == 40
+    assert continued.calib_w2[:, 16:].abs().sum() > 0   # the new units learn
+
+
 def test_training_with_a_draft_vocabulary(toy, tmp_path):
     """A fresh drafter drafts from the corpus's most frequent tokens (topped up to the size asked for) and learns
     as well as one over the whole vocabulary."""

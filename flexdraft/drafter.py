@@ -62,6 +62,11 @@ class DrafterConfig:
         return max(1, round(0.28 * num_layers))  # the release tunes 10 of 36 layers
 
 
+def calibration_input_weights(rank: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """Random input weights for calibration units, scaled to the input width (their output weights start at zero)."""
+    return torch.randn(rank, width, generator=generator) / width ** 0.5
+
+
 class Drafter(nn.Module):
     def __init__(self, target: Transformer, config: DrafterConfig):
         super().__init__()
@@ -168,8 +173,7 @@ class Drafter(nn.Module):
             scale = target.embed.float().norm(dim=1).mean() * 4
             direction = torch.randn(target.config.hidden_size, generator=generator)
             drafter.mask_embedding.copy_(direction / direction.norm() * scale)
-            w1 = torch.randn(drafter.calib_w1.shape, generator=generator) / (2 * target.config.hidden_size) ** 0.5
-            drafter.calib_w1.copy_(w1)
+            drafter.calib_w1.copy_(calibration_input_weights(*drafter.calib_w1.shape, generator))
         return drafter
 
     def widen_calibration(self, rank: int, seed: int = 0) -> None:
@@ -180,7 +184,7 @@ class Drafter(nn.Module):
         if rank <= old:
             return
         generator = torch.Generator().manual_seed(seed)
-        extra_w1 = torch.randn(rank - old, self.calib_w1.shape[1], generator=generator) / (self.calib_w1.shape[1] ** 0.5)
+        extra_w1 = calibration_input_weights(rank - old, self.calib_w1.shape[1], generator)
         like = dict(device=self.calib_w1.device, dtype=self.calib_w1.dtype)
         with torch.no_grad():
             self.calib_w1 = nn.Parameter(torch.cat([self.calib_w1, extra_w1.to(**like)]))

@@ -192,6 +192,24 @@ class Drafter(nn.Module):
             self.calib_w2 = nn.Parameter(torch.cat([self.calib_w2, torch.zeros(self.calib_w2.shape[0], rank - old, **like)], 1))
         self.config = replace(self.config, calibration_rank=rank)
 
+    def deepen(self, target: Transformer, num_tuned_layers: int) -> None:
+        """Tune ``num_tuned_layers`` of the target's layers, adding the layers below the split: their projector copies
+        start as the target's own, and ``mask_embedding`` enters at the lower split unchanged. The residual stream
+        carries a vector of its scale through a few layers largely intact, so the trained layers above still see
+        roughly the masks they learnt on, and training resumes near the drafter's old function, not from scratch."""
+        extra = num_tuned_layers - self.config.num_tuned_layers
+        if extra <= 0:
+            return
+        if num_tuned_layers > target.config.num_layers:
+            raise FlexDraftError(f"num_tuned_layers must be in [1, {target.config.num_layers}], got {num_tuned_layers}")
+        self.split_layer -= extra
+        added = [AttentionWeights(target.config) for _ in range(extra)]
+        for i, attn in enumerate(added):
+            attn.load_state_dict(target.layers[self.split_layer + i].attn.state_dict())
+        like = dict(device=self.mask_embedding.device, dtype=self.mask_embedding.dtype)
+        self.tuned = nn.ModuleList([*(a.to(**like) for a in added), *self.tuned])
+        self.config = replace(self.config, num_tuned_layers=num_tuned_layers)
+
     def save(self, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
         """Write safetensors + JSON atomically: an interrupt never leaves half a drafter."""
         from safetensors.torch import save_file

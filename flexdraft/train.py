@@ -37,7 +37,7 @@ STATE_WEIGHTS, STATE_OPTIMIZER, STATE_JSON = "drafter_fp32.safetensors", "optimi
 @dataclass
 class TrainConfig:
     steps: int = 400
-    num_tuned_layers: int | None = None
+    num_tuned_layers: int | None = None  # with init_from: more layers than the loaded drafter's deepens it
     block_size: int = 4              # block 4 x 64 beat 16 x 16 at equal cost (reports/drafter/experiments.md)
     calibration_rank: int = 256      # with init_from: a larger rank widens the loaded MLP, a smaller one is ignored
     sequences_per_step: int = 4
@@ -370,6 +370,13 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         if config.calibration_rank > drafter.config.calibration_rank:
             log(f"widening the calibration MLP from rank {drafter.config.calibration_rank} to {config.calibration_rank}")
             drafter.widen_calibration(config.calibration_rank, seed=config.seed)
+        layers = config.num_tuned_layers
+        if layers is not None and layers < drafter.config.num_tuned_layers:
+            raise FlexDraftError(f"--num-tuned-layers {layers} is below the {drafter.config.num_tuned_layers} layers of "
+                                 f"the drafter in {init_from}: a drafter can gain tuned layers, not lose them")
+        if layers is not None and layers > drafter.config.num_tuned_layers:
+            log(f"deepening the drafter from {drafter.config.num_tuned_layers} to {layers} tuned layers")
+            drafter.deepen(model, layers)
         for p in drafter.parameters():
             p.requires_grad_(True)
         optimizer, start, history = factory(drafter), 0, []

@@ -117,6 +117,39 @@ def test_a_larger_calibration_rank_widens_a_saved_drafter(toy, tmp_path):
     assert continued.calib_w2[:, 16:].abs().sum() > 0   # the new units learn
 
 
+def test_more_tuned_layers_deepen_a_saved_drafter(toy, tmp_path):
+    """--init-from with a larger --num-tuned-layers keeps the saved drafter's layers on top, adds copies of the
+    target's projectors below the old split, keeps the mask vector, stays lossless and trains; fewer layers is an
+    error, not a silent no-op."""
+    from flexdraft.errors import FlexDraftError
+
+    model, rows, held_out = toy
+    train(model, rows, [], tmp_path / "a", small_config(steps=10, save_every=10), log=lambda *_: None)
+    saved = Drafter.load(tmp_path / "a" / "drafter", model)
+    deeper = Drafter.load(tmp_path / "a" / "drafter", model)
+    deeper.deepen(model, 3)
+    assert deeper.config.num_tuned_layers == 3 and deeper.split_layer == saved.split_layer - 1 == model.config.num_layers - 3
+    for name, value in model.layers[deeper.split_layer].attn.state_dict().items():
+        torch.testing.assert_close(deeper.attention(deeper.split_layer).state_dict()[name], value)
+    for layer in range(saved.split_layer, model.config.num_layers):
+        for name, value in saved.attention(layer).state_dict().items():
+            torch.testing.assert_close(deeper.attention(layer).state_dict()[name], value)
+    torch.testing.assert_close(deeper.mask_embedding, saved.mask_embedding)
+    prompts = [r["prompt_ids"] for r in held_out[:3]]
+    expected, _ = generate_ar(model, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3))
+    got, _ = generate_speculative(model, deeper, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3),
+                                  "parallel", SpecConfig(verify_threshold=0.0))
+    assert got.results() == expected.results()
+    continued = train(model, rows, [], tmp_path / "b", small_config(steps=5, num_tuned_layers=3, save_every=5),
+                      log=lambda *_: None, init_from=tmp_path / "a" / "drafter")
+    assert Drafter.load(tmp_path / "b" / "drafter", model).config.num_tuned_layers == 3
+    added = continued.attention(continued.split_layer).wqkv
+    assert not torch.equal(added, model.layers[continued.split_layer].attn.wqkv)   # the added layer learns
+    with pytest.raises(FlexDraftError, match="can gain tuned layers, not lose them"):
+        train(model, rows, [], tmp_path / "c", small_config(steps=1, num_tuned_layers=1), log=lambda *_: None,
+              init_from=tmp_path / "a" / "drafter")
+
+
 def test_training_with_a_draft_vocabulary(toy, tmp_path):
     """A fresh drafter drafts from the corpus's most frequent tokens (topped up to the size asked for) and learns
     as well as one over the whole vocabulary."""

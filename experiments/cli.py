@@ -30,6 +30,12 @@ def names(text: str, allowed) -> tuple[str, ...]:
     return values
 
 
+def add_device_arg(p) -> None:
+    """``--device`` for every command that loads a model (``flexdraft.api.resolve_device`` reads it)."""
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda or cuda:N")
+
+
 def add_model_args(p) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF checkpoint dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -37,6 +43,7 @@ def add_model_args(p) -> None:
                    help="'default' (shipped, trained; falls back to 'untrained' with a warning), 'untrained' or PATH")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    add_device_arg(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default torch's). On a CPU shared with other jobs use 1: measured here, "
                         "2 threads on 2 busy cores ran a forward 5-15x slower than 1")
@@ -98,7 +105,7 @@ def load_for_experiments(args):
         if args.threads < 1:
             raise FlexDraftError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    fd = FlexDraft.load(args.model, args.dtype)
+    fd = FlexDraft.load(args.model, args.dtype, device=args.device)
     label = args.drafter
     try:
         fd.drafter = fd.load_drafter(args.drafter, args.block_size)

@@ -21,6 +21,17 @@ SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
 
 
+def resolve_device(device: str) -> str:
+    """A ``--device`` value -> a torch device: 'auto' is the CUDA GPU where torch sees one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+        raise FlexDraftError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise FlexDraftError(f"--device {device}: this torch sees no CUDA GPU (use --device cpu)")
+    return device
+
+
 def resolve_model_path(model: str | Path) -> Path:
     if str(model) == "default":
         from flexdraft.assets import default_model_dir
@@ -77,6 +88,7 @@ class FlexDraft:
 
         if dtype not in DTYPES:
             raise FlexDraftError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        device = resolve_device(device)   # before any loading: a bad --device fails in milliseconds
         path = resolve_model_path(model)
         target = load_model(path, DTYPES[dtype], device)
         tokenizer = load_tokenizer(path)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from experiments.cli import COMMANDS as EXPERIMENT_COMMANDS
+from experiments.cli import add_device_arg
 from experiments.cli import add_parsers as add_experiment_parsers
 from flexdraft.errors import FlexDraftError
 from kernels import backend
@@ -54,6 +55,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-threshold", type=float, default=0.01)
     p.add_argument("--verify-strategy", default="cumulative_product", choices=["cumulative_product", "min_confidence"])
     p.add_argument("--no-calibration", action="store_true")
+    add_device_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--temperature", type=float, default=0.0, help="0: greedy responses; > 0: sampled")
     data.add_argument("--dtype", default="bfloat16" if backend.cpu_bf16_is_fast() else "float32",
                       choices=["float32", "bfloat16"], help="default: bfloat16 where this CPU's bf16 GEMM is fast")
+    add_device_arg(data)
 
     train = sub.add_parser("train", help="train a drafter (attention tuning + calibration) on the corpus")
     train.add_argument("--model", default="default")
@@ -85,13 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming from <out>/state")
     train.add_argument("--init-from", default=None,
                        help="start from a saved drafter (e.g. flexdraft/drafters/...) instead of a fresh one")
+    add_device_arg(train)
+    from dataclasses import fields
+
     from flexdraft.train import TrainConfig
-    for name, value in TrainConfig().__dict__.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            train.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
+    for f in fields(TrainConfig):   # one flag per setting; annotations are strings here ("bool | None", ...)
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split(" |")[0]
+        if kind == "bool":
+            train.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=f.default)
         else:
-            train.add_argument(flag, type=int if name == "num_tuned_layers" else type(value), default=value)
+            train.add_argument(flag, type={"int": int, "float": float}[kind], default=f.default)
 
     ev = sub.add_parser("evaluate", help="a drafter's acceptance and speed on MT-bench and HumanEval (batch 1)")
     ev.add_argument("--model", default="default")
@@ -102,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="reports/drafter/acceptance", help="output path stem (.json and .md)")
     ev.add_argument("--training-state", default=None,
                     help="a run's state/state.json: adds its configuration and held-out acceptance curve")
+    add_device_arg(ev)
 
     tune = sub.add_parser("autotune", help="sweep kernel configurations on this GPU into autotune/configs/<device>.json")
     tune.add_argument("--out", default=None, help="store path (default: autotune/configs/<device>.json)")
@@ -135,7 +142,7 @@ def command_generate(args) -> int:
     drafter = args.drafter
     if drafter is None and args.mode != "ar":
         drafter = "default"
-    fd = FlexDraft.load(args.model, args.dtype, drafter, args.block_size)
+    fd = FlexDraft.load(args.model, args.dtype, drafter, args.block_size, args.device)
     result = fd.generate(prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          raw=args.raw, verify_threshold=args.verify_threshold,
@@ -160,7 +167,7 @@ def command_data(args) -> int:
 
     if args.num_prompts < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise FlexDraftError("--num-prompts, --batch-size and --max-new-tokens must be at least 1")
-    fd = FlexDraft.load(args.model, args.dtype)
+    fd = FlexDraft.load(args.model, args.dtype, device=args.device)
     path = build_corpus(fd, DataConfig(args.num_prompts, args.max_prompt_tokens, args.max_new_tokens,
                                        args.batch_size, args.temperature))
     print(path)
@@ -177,7 +184,7 @@ def command_train(args) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if config.steps < 1 or config.block_size < 2 or config.sequences_per_step < 1:
         raise FlexDraftError("--steps and --sequences-per-step must be at least 1, --block-size at least 2")
-    fd = FlexDraft.load(args.model, "float32")
+    fd = FlexDraft.load(args.model, "float32", device=args.device)
     path = Path(args.corpus) if args.corpus else corpus_path(fd.model.fingerprint, 0.0)
     rows, held_out = split_corpus(read_corpus(path))
     print(f"corpus {path}: {len(rows)} training and {len(held_out)} held-out responses", file=sys.stderr)
@@ -192,7 +199,7 @@ def command_evaluate(args) -> int:
     from flexdraft.evaluate import run
 
     run(args.drafter, Path(args.out), args.mtbench, args.humaneval, args.max_new_tokens, args.model,
-        Path(args.training_state) if args.training_state else None)
+        Path(args.training_state) if args.training_state else None, args.device)
     return 0
 
 

@@ -110,12 +110,12 @@ def section_training(state_path: Path, out: Path) -> list[str]:
 
 
 def run(drafter: str, out: Path, mtbench: int, humaneval: int, max_new_tokens: int, model: str = "default",
-        training_state: Path | None = None) -> dict:
+        training_state: Path | None = None, device: str = "cpu") -> dict:
     from experiments.provenance import provenance
     from flexdraft.api import FlexDraft
     from flexdraft.assets import humaneval_prompts, mtbench_prompts
 
-    fd = FlexDraft.load(model, "float32", drafter)
+    fd = FlexDraft.load(model, "float32", drafter, device=device)
     datasets = {}
     if mtbench:
         datasets["MT-bench"] = mtbench_prompts()[:mtbench]

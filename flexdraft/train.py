@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,12 @@ class TrainConfig:
     eval_sequences: int = 24
     save_every: int = 25
     seed: int = 0
-    bf16: bool = field(default_factory=backend.cpu_bf16_is_fast)   # autocast on a CPU, where its bf16 GEMM is fast
+    bf16: bool | None = None         # bf16 autocast; None: on a GPU, or a CPU whose bf16 GEMM is fast
+
+
+def bf16_autocast(model: Transformer, enabled: bool):
+    """bf16 autocast on the target's device (CPU or CUDA) where ``enabled``, a no-op otherwise."""
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ---- the corpus, and the frozen target's states at the split -----------------------------------------------------
@@ -122,10 +127,10 @@ class SplitStates:
                 chunk = ordered[first: first + batch]
                 tokens, lengths, _ = pad_sequences([r for _, r in chunk], model.device)
                 positions = torch.arange(tokens.shape[1], device=model.device)[None].expand_as(tokens)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and model.device.type == "cpu"):
+                with bf16_autocast(model, bf16):
                     hidden, _ = model(tokens, positions, model.new_cache(*tokens.shape), stop_layer=layer)
-                for i, (key, _) in enumerate(chunk):
-                    self.states[key] = hidden[i, : int(lengths[i])].to(torch.bfloat16).contiguous()
+                for i, (key, _) in enumerate(chunk):   # kept in host memory: a GPU's is for the steps
+                    self.states[key] = hidden[i, : int(lengths[i])].to("cpu", torch.bfloat16).contiguous()
                 bar.update(len(chunk))
         if path is not None and todo:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +159,7 @@ def sample_anchors(lengths, starts, count: int, generator: torch.Generator) -> t
     (so at least one draft slot has a label). Rows with fewer candidates repeat some."""
     low = starts - 1
     span = (lengths - 2 - low).clamp(min=1)
-    u = torch.rand(len(lengths), count, generator=generator)
+    u = torch.rand(len(lengths), count, generator=generator).to(lengths.device)   # drawn on the CPU: same anchors anywhere
     return low[:, None] + (u * span[:, None]).long()
 
 
@@ -165,7 +170,7 @@ def clean_pass(model: Transformer, tokens: torch.Tensor, bf16: bool = False, sta
     of running every layer."""
     cache = model.new_cache(tokens.shape[0], tokens.shape[1])
     positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and model.device.type == "cpu"):
+    with bf16_autocast(model, bf16):
         hidden, _ = model(tokens, positions, cache, start=start)
     return cache, hidden
 
@@ -310,7 +315,7 @@ def load_state(directory: Path, model, optimizer_factory):
     for i, p in enumerate(drafter.parameters()):
         entry = {k.split(".", 1)[1]: v for k, v in moments.items() if k.split(".", 1)[0] == str(i)}
         if entry:
-            optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v) for k, v in entry.items()}
+            optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.device)) for k, v in entry.items()}
     return drafter, optimizer, state["step"], state["history"]
 
 
@@ -319,9 +324,9 @@ def initial_mask_embedding(model, rows, split_layer) -> torch.Tensor:
     """The mean residual-stream state entering the split layer: masks start at the scale clean tokens live at."""
     tokens, lengths, _ = pad_sequences(rows, model.device)
     with torch.no_grad():
-        positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
         hidden, _ = model(tokens, positions, model.new_cache(*tokens.shape), stop_layer=split_layer)
-    valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    valid = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
     return hidden[valid].float().mean(0)
 
 
@@ -358,6 +363,8 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
 
     if model.dtype != torch.float32:
         raise FlexDraftError("train with the float32 target (bf16 autocast is applied inside)")
+    if config.bf16 is None:
+        config = replace(config, bf16=model.device.type == "cuda" or backend.cpu_bf16_is_fast())
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(config.seed)
@@ -403,7 +410,7 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         anchors = sample_anchors(lengths, starts, config.blocks_per_sequence, generator)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * schedule(config, step)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and model.device.type == "cpu")
+        autocast = bf16_autocast(model, config.bf16)
         with autocast:
             raw, calibrated, labels, label_pos = block_logits(model, drafter, cache, tokens, anchors)
         valid = (label_pos < lengths[:, None, None]).float()

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from flexdraft.cli import main
 
@@ -23,6 +24,42 @@ def test_bad_input_is_one_line_and_nonzero(capsys, argv, message):
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--out", "unused", "--device", "cuda"], "this torch sees no CUDA GPU"),
+    (["data", "--device", "cuda:0"], "this torch sees no CUDA GPU"),
+    (["evaluate", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_device_is_one_line_and_nonzero(capsys, argv, message):
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_device_auto_picks_a_cuda_gpu_where_torch_sees_one(monkeypatch):
+    from flexdraft.api import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+
+
+def test_train_flags_follow_the_training_settings():
+    """Every TrainConfig field is a flag of its own type; bf16 defaults to None (decided by the device)."""
+    from dataclasses import fields
+
+    from flexdraft.cli import build_parser
+    from flexdraft.train import TrainConfig
+
+    args = build_parser().parse_args(["train", "--out", "x", "--bf16", "false", "--num-tuned-layers", "16",
+                                      "--lr", "3e-3", "--steps", "7"])
+    assert (args.bf16, args.num_tuned_layers, args.lr, args.steps, args.device) == (False, 16, 3e-3, 7, "auto")
+    defaults = build_parser().parse_args(["train", "--out", "x"])
+    assert {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)} == TrainConfig().__dict__
+    assert defaults.bf16 is None
 
 
 def test_bad_flag_is_one_line(capsys):

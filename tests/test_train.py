@@ -1,5 +1,7 @@
 """Training lowers the loss and raises acceptance on a learnable toy corpus; an interrupted run resumes exactly."""
+import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -148,6 +150,27 @@ def test_more_tuned_layers_deepen_a_saved_drafter(toy, tmp_path):
     with pytest.raises(FlexDraftError, match="can gain tuned layers, not lose them"):
         train(model, rows, [], tmp_path / "c", small_config(steps=1, num_tuned_layers=1), log=lambda *_: None,
               init_from=tmp_path / "a" / "drafter")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU check runs this file)")
+def test_training_runs_on_a_cuda_gpu(tmp_path):
+    """The same training on a CUDA device (bf16 autocast there by default): it learns, saves, resumes, and the
+    drafter it writes loads on the CPU and stays lossless there."""
+    model, _ = tiny_target("llama", seed=2, tie_word_embeddings=True, widen=False)
+    rows, held_out = constant_runs(model.config.vocab_size, 64, 0), constant_runs(model.config.vocab_size, 12, 1)
+    gpu = copy.deepcopy(model).to("cuda")
+    before = acceptance(gpu, Drafter.initialise(gpu, 2, 5, 16, seed=0), held_out)
+    config = small_config(bf16=None, save_every=50)
+    drafter = train(gpu, rows, held_out, tmp_path / "run", replace(config, steps=50), log=lambda *_: None)
+    drafter = train(gpu, rows, held_out, tmp_path / "run", config, log=lambda *_: None)   # resumes at step 50
+    assert json.loads((tmp_path / "run" / "state" / "state.json").read_text())["config"]["bf16"] is True
+    assert acceptance(gpu, drafter, held_out) > before + 0.5
+    prompts = [r["prompt_ids"] for r in held_out[:3]]
+    expected, _ = generate_ar(model, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3))
+    got, _ = generate_speculative(model, Drafter.load(tmp_path / "run" / "drafter", model), prompts, 12,
+                                  SamplingParams(), [[-1]] * 3, torch.arange(3), "parallel",
+                                  SpecConfig(verify_threshold=0.0))
+    assert got.results() == expected.results()
 
 
 def test_training_with_a_draft_vocabulary(toy, tmp_path):

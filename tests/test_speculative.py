@@ -60,11 +60,17 @@ def some_tokens(vocab_size: int, count: int, seed: int) -> list[int]:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch_size", range(1, 9))
 def test_greedy_is_identical_to_autoregressive(target, mode, batch_size, draft_vocab):
+    vocab = some_tokens(target.config.vocab_size, target.config.vocab_size // 3, batch_size) if draft_vocab else None
+    check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab)
+
+
+def check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab=None):
+    """Ragged prompts, a stop that the first sequence emits mid-way, every draft verified (threshold 0)."""
     prompts = random_prompts(target.config.vocab_size, [3 + (5 * i) % 11 for i in range(batch_size)], seed=batch_size)
     stop = stops_mid_batch(target, prompts, 18)
     stop_ids = [[stop, 96]] * batch_size
-    vocab = some_tokens(target.config.vocab_size, target.config.vocab_size // 3, batch_size) if draft_vocab else None
     drafter = Drafter.initialise(target, num_tuned_layers=2, block_size=6, seed=batch_size, draft_vocab=vocab)
+    assert drafter.mask_embedding.device == target.device
     expected, _ = generate_ar(target, prompts, 18, SamplingParams(), stop_ids, torch.arange(batch_size))
     got, stats = generate_speculative(target, drafter, prompts, 18, SamplingParams(), stop_ids,
                                       torch.arange(batch_size), step_mode(mode), SpecConfig(verify_threshold=0.0))

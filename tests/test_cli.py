@@ -9,6 +9,9 @@ import torch
 from flexdraft.cli import main
 
 
+NEEDS_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without a CUDA GPU")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--prompt", ""], "empty prompt"),
     (["generate", "--prompt", "   "], "empty prompt"),
@@ -19,20 +22,11 @@ from flexdraft.cli import main
     (["generate", "--prompt", "hi", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["generate", "--prompt", "hi", "--model", "/no/such/dir"], "does not exist"),
     (["generate", "--prompts-file", "/no/such/file.jsonl"], "cannot read prompts file"),
+    (["evaluate", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    *(pytest.param(argv, "this torch sees no CUDA GPU", marks=NEEDS_NO_GPU) for argv in
+      (["train", "--out", "unused", "--device", "cuda"], ["data", "--device", "cuda:0"])),
 ])
 def test_bad_input_is_one_line_and_nonzero(capsys, argv, message):
-    assert main(argv) != 0
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--out", "unused", "--device", "cuda"], "this torch sees no CUDA GPU"),
-    (["data", "--device", "cuda:0"], "this torch sees no CUDA GPU"),
-    (["evaluate", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
-])
-def test_bad_device_is_one_line_and_nonzero(capsys, argv, message):
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err

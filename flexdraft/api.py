@@ -117,17 +117,20 @@ class FlexDraft:
         return drafter
 
     # ---- prompts ---------------------------------------------------------------------------------------------------
-    def encode(self, prompts: list[str], raw: bool = False) -> list[list[int]]:
+    def encode(self, prompts: list[str | list[dict]], raw: bool = False) -> list[list[int]]:
+        """Token ids per prompt: a string (one user turn), or a chat as ``[{"role", "content"}, ...]`` ending with the
+        user turn to answer; both wrapped in the chat template unless ``raw`` (strings only)."""
         encoded = []
         for prompt in prompts:
-            if not prompt or not prompt.strip():
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if not messages or not (messages[-1].get("content") or "").strip():
                 raise FlexDraftError("empty prompt: give some text to continue")
-            if raw or not getattr(self.tokenizer, "chat_template", None):
-                text = prompt
-                ids = self.tokenizer(text).input_ids
+            if isinstance(prompt, str) and (raw or not getattr(self.tokenizer, "chat_template", None)):
+                ids = self.tokenizer(prompt).input_ids
             else:
-                text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                          add_generation_prompt=True)
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise FlexDraftError("a chat prompt needs a tokenizer with a chat template")
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 ids = self.tokenizer(text, add_special_tokens=False).input_ids
             encoded.append(list(ids))
         return encoded

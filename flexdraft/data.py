@@ -1,6 +1,7 @@
 """``flexdraft data``: a self-distilled training corpus, built by the target itself with our batched runtime.
 
-Prompts are ShareGPT first turns (evaluation prompts filtered out by ``assets.sharegpt_prompts``), wrapped in the chat
+Prompts are ShareGPT first turns (evaluation prompts filtered out by ``assets.sharegpt_prompts``), or with
+``turns="later"`` every later human turn with its history (``assets.sharegpt_later_turns``), wrapped in the chat
 template; responses are the target's own greedy (or sampled) continuations. The corpus is a JSON-lines file appended
 one batch at a time, so an interrupt loses at most the batch in flight and a rerun resumes where it stopped.
 """
@@ -17,8 +18,24 @@ import torch
 from flexdraft.errors import FlexDraftError
 
 
-def prompt_key(prompt: str) -> str:
-    return hashlib.sha1(prompt.strip().encode()).hexdigest()[:16]
+def prompt_key(prompt: str | list[dict]) -> str:
+    text = json.dumps(prompt) if isinstance(prompt, list) else prompt.strip()
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def fit_prompt(fd, prompt: str | list[dict], max_tokens: int) -> list[int] | None:
+    """The prompt's ids, or None when it does not fit ``max_tokens``. A chat sheds its oldest exchanges until it
+    fits (it always starts at a user message); a string or the last turn alone that is too long is dropped."""
+    while True:
+        ids = fd.encode([prompt])[0]
+        if len(ids) <= max_tokens:
+            return ids
+        if not isinstance(prompt, list):
+            return None
+        users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+        if len(users) < 2:
+            return None
+        prompt = prompt[users[1]:]
 
 
 def is_held_out(key: str) -> bool:
@@ -47,6 +64,19 @@ def read_corpus(path: Path) -> list[dict]:
     return rows
 
 
+def cut_torn_tail(path: Path) -> None:
+    """Drop an unfinished last line (an append cut off by an interrupt), so the next append starts a line of its
+    own instead of gluing a good row onto the torn one."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 @dataclass
 class DataConfig:
     num_prompts: int = 2000
@@ -55,6 +85,7 @@ class DataConfig:
     batch_size: int = 32
     temperature: float = 0.0
     seed: int = 0
+    turns: str = "first"   # "first": ShareGPT first turns; "later": every later turn, with its history
 
 
 def build_corpus(fd, config: DataConfig, prompts: list[str] | None = None, path: Path | None = None) -> Path:
@@ -65,20 +96,23 @@ def build_corpus(fd, config: DataConfig, prompts: list[str] | None = None, path:
     from flexdraft.sampling import SamplingParams
 
     if prompts is None:
-        from flexdraft.assets import sharegpt_prompts
+        from flexdraft.assets import sharegpt_later_turns, sharegpt_prompts
 
-        prompts = sharegpt_prompts()
+        if config.turns not in ("first", "later"):
+            raise FlexDraftError(f"turns must be 'first' or 'later', got {config.turns!r}")
+        prompts = sharegpt_prompts() if config.turns == "first" else sharegpt_later_turns()
     path = path or corpus_path(fd.model.fingerprint or "model", config.temperature)
     path.parent.mkdir(parents=True, exist_ok=True)
+    cut_torn_tail(path)
     done = {row["key"] for row in read_corpus(path)}
     todo, seen = [], set(done)
     for prompt in prompts:
         key = prompt_key(prompt)
-        if key in seen or not prompt.strip():
+        if key in seen or not (prompt[-1]["content"] if isinstance(prompt, list) else prompt).strip():
             continue
         seen.add(key)
-        ids = fd.encode([prompt])[0]
-        if len(ids) <= config.max_prompt_tokens:
+        ids = fit_prompt(fd, prompt, config.max_prompt_tokens)
+        if ids is not None:
             todo.append((key, ids))
         if len(done) + len(todo) >= config.num_prompts:
             break

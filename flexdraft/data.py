@@ -73,8 +73,8 @@ def cut_torn_tail(path: Path) -> None:
         f.seek(-1, 2)
         if f.read(1) == b"\n":
             return
-        data = f.seek(0) or f.read()
-        f.truncate(data.rfind(b"\n") + 1)
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
 
 
 @dataclass

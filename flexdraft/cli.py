@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--turns", default="first", choices=["first", "later"],
                       help="ShareGPT first human turns, or every later one with its history (the oldest exchanges "
                            "shed to fit --max-prompt-tokens); both land in the same corpus")
+    data.add_argument("--from-corpus", default=None,
+                      help="answer the prompts of this corpus file again instead of ShareGPT's (with --temperature "
+                           "> 0: sampled answers, in a corpus of their own)")
     data.add_argument("--dtype", default="bfloat16" if backend.cpu_bf16_is_fast() else "float32",
                       choices=["float32", "bfloat16"], help="default: bfloat16 where this CPU's bf16 GEMM is fast")
     add_device_arg(data)
@@ -169,13 +172,16 @@ def command_generate(args) -> int:
 
 def command_data(args) -> int:
     from flexdraft.api import FlexDraft
-    from flexdraft.data import DataConfig, build_corpus
+    from flexdraft.data import DataConfig, answer_again, build_corpus
 
     if args.num_prompts < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise FlexDraftError("--num-prompts, --batch-size and --max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        raise FlexDraftError("--temperature must be >= 0")
     fd = FlexDraft.load(args.model, args.dtype, device=args.device)
-    path = build_corpus(fd, DataConfig(args.num_prompts, args.max_prompt_tokens, args.max_new_tokens,
-                                       args.batch_size, args.temperature, turns=args.turns))
+    config = DataConfig(args.num_prompts, args.max_prompt_tokens, args.max_new_tokens, args.batch_size,
+                        args.temperature, turns=args.turns)
+    path = answer_again(fd, Path(args.from_corpus), config) if args.from_corpus else build_corpus(fd, config)
     print(path)
     return 0
 

@@ -2,8 +2,10 @@
 
 Prompts are ShareGPT first turns (evaluation prompts filtered out by ``assets.sharegpt_prompts``), or with
 ``turns="later"`` every later human turn with its history (``assets.sharegpt_later_turns``), wrapped in the chat
-template; responses are the target's own greedy (or sampled) continuations. The corpus is a JSON-lines file appended
-one batch at a time, so an interrupt loses at most the batch in flight and a rerun resumes where it stopped.
+template; responses are the target's own greedy (or sampled) continuations. ``answer_again`` answers an existing
+corpus's prompts once more (sampled answers beside greedy ones, no ShareGPT needed). The corpus is a JSON-lines
+file appended one batch at a time, so an interrupt loses at most the batch in flight and a rerun resumes where it
+stopped.
 """
 from __future__ import annotations
 
@@ -90,11 +92,6 @@ class DataConfig:
 
 def build_corpus(fd, config: DataConfig, prompts: list[str] | None = None, path: Path | None = None) -> Path:
     """Generate responses for up to ``num_prompts`` prompts not yet in the corpus; returns the corpus path."""
-    from tqdm import tqdm
-
-    from flexdraft.generate import generate_ar
-    from flexdraft.sampling import SamplingParams
-
     if prompts is None:
         from flexdraft.assets import sharegpt_later_turns, sharegpt_prompts
 
@@ -116,8 +113,35 @@ def build_corpus(fd, config: DataConfig, prompts: list[str] | None = None, path:
             todo.append((key, ids))
         if len(done) + len(todo) >= config.num_prompts:
             break
+    return write_responses(fd, todo, len(done), config, path)
+
+
+def answer_again(fd, source: Path, config: DataConfig, path: Path | None = None) -> Path:
+    """Answer the prompts of the corpus at ``source`` once more (sampled, with ``config.temperature`` > 0) into a
+    corpus of their own. The prompt ids come from the source, so no ShareGPT is needed, and each row keeps its
+    prompt's key, so a prompt held out there is held out here too."""
+    rows = read_corpus(Path(source))
+    if not rows:
+        raise FlexDraftError(f"no corpus rows in {source}: build it with `flexdraft data` first")
+    path = path or corpus_path(fd.model.fingerprint or "model", config.temperature)
+    if Path(path).resolve() == Path(source).resolve():
+        raise FlexDraftError(f"answering {source} again would append to it: pass another --temperature")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut_torn_tail(path)
+    done = {row["key"] for row in read_corpus(path)}
+    todo = [(row["key"], row["prompt_ids"]) for row in rows if row["key"] not in done]
+    return write_responses(fd, todo[: max(0, config.num_prompts - len(done))], len(done), config, path)
+
+
+def write_responses(fd, todo: list[tuple[str, list[int]]], already: int, config: DataConfig, path: Path) -> Path:
+    """Generate a response for each ``(key, prompt ids)`` and append the rows to ``path``, a batch at a time."""
+    from tqdm import tqdm
+
+    from flexdraft.generate import generate_ar
+    from flexdraft.sampling import SamplingParams
+
     if not todo:
-        print(f"corpus {path} already holds {len(done)} responses", file=sys.stderr)
+        print(f"corpus {path} already holds {already} responses", file=sys.stderr)
         return path
     # Similar lengths batch together: less padding, fewer wasted prefill tokens.
     todo.sort(key=lambda item: len(item[1]))

@@ -88,3 +88,39 @@ def test_unknown_turns_is_a_clear_error(tmp_path):
     from flexdraft.errors import FlexDraftError
     with pytest.raises(FlexDraftError, match="turns"):
         build_corpus(CharChat(), DataConfig(turns="middle"), None, tmp_path / "c.jsonl")
+
+
+def test_answering_a_corpus_again_samples_its_own_prompts_with_their_keys(tmp_path):
+    """`flexdraft data --from-corpus GREEDY --temperature T`: the same prompt ids, the same keys (so the same
+    held-out split), sampled answers in a file of their own, resumable."""
+    from flexdraft.data import answer_again
+    from flexdraft.errors import FlexDraftError
+    from flexdraft.generate import generate_ar
+    from flexdraft.sampling import SamplingParams
+
+    fd = CharChat()
+    source = tmp_path / "greedy.jsonl"
+    prompts = ["hello there", "write a poem", chat("hi", "hey", "go on"), "count to ten", "why is the sky blue"]
+    build_corpus(fd, DataConfig(num_prompts=10, max_new_tokens=12, batch_size=2), prompts, source)
+    greedy = read_corpus(source)
+    sampled_path = tmp_path / "t1.jsonl"
+    config = DataConfig(num_prompts=3, max_new_tokens=12, batch_size=2, temperature=1.0)
+    answer_again(fd, source, config, sampled_path)
+    assert len(read_corpus(sampled_path)) == 3
+    answer_again(fd, source, DataConfig(**{**config.__dict__, "num_prompts": 10}), sampled_path)
+    sampled = read_corpus(sampled_path)
+    by_key = {r["key"]: r for r in greedy}
+    assert sorted(r["key"] for r in sampled) == sorted(by_key)
+    for row in sampled:
+        assert row["prompt_ids"] == by_key[row["key"]]["prompt_ids"]
+        assert row["held_out"] == by_key[row["key"]]["held_out"]
+    # Sampled, not greedy: at temperature 1 over a random tiny model most answers differ from the greedy ones.
+    assert sum(r["response_ids"] != by_key[r["key"]]["response_ids"] for r in sampled) >= 4
+    row = sampled[0]   # and each is the target's own sample under its row's seed
+    seed = torch.tensor([int(row["key"], 16) % (2 ** 31)])
+    batch, _ = generate_ar(fd.model, [row["prompt_ids"]], 12, SamplingParams(temperature=1.0), [[]], seed)
+    assert batch.results()[0][0] == row["response_ids"]
+    with pytest.raises(FlexDraftError, match="would append to it"):
+        answer_again(fd, source, config, source)
+    with pytest.raises(FlexDraftError, match="no corpus rows"):
+        answer_again(fd, tmp_path / "missing.jsonl", config, sampled_path)

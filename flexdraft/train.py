@@ -56,6 +56,7 @@ class TrainConfig:
     save_every: int = 25
     seed: int = 0
     bf16: bool | None = None         # bf16 autocast; None: on a GPU, or a CPU whose bf16 GEMM is fast
+    minutes: float = 0.0             # > 0: a wall-clock budget for the loop; it replaces steps (see fit_steps)
 
 
 def bf16_autocast(model: Transformer, enabled: bool):
@@ -373,6 +374,13 @@ def schedule(config: TrainConfig, step: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def fit_steps(step: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The step count that ends a budgeted run by its deadline, at the pace measured so far, a sixth of what is
+    left kept for evaluations and checkpoints. Fitted once, when warm-up ends: the cosine schedule depends on the
+    step count only after warm-up, so the learning rate still decays to its floor at the (new) last step."""
+    return max(step + 1, step + int(seconds_left * 5 / 6 / max(seconds_per_step, 1e-9)))
+
+
 def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path, config: TrainConfig,
           resume: bool = True, log=print, init_from: Path | None = None,
           state_stores: list[tuple[list[dict], Path]] | None = None) -> Drafter:
@@ -422,8 +430,14 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
     weights = slot_weights(drafter.block_size, config.position_decay, model.device)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
     seen_sample = fit_sample(rows, config.eval_sequences)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training drafter", unit="step")
-    for step in bar:
+    bar = tqdm(initial=start, total=config.steps, desc="training drafter", unit="step")
+    began, deadline, step = time.time(), time.time() + 60 * config.minutes, start
+    while step < config.steps:
+        if config.minutes > 0 and step == start + max(config.warmup_steps, 10):
+            steps = fit_steps(step, (time.time() - began) / (step - start), deadline - time.time())
+            log(f"budget of {config.minutes:g} min: {steps} steps at the pace of the first {step - start}")
+            config = replace(config, steps=steps)
+            bar.total = steps
         # Deterministic in the step number, so a resumed run sees what an uninterrupted one would have.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         picks = [(step * config.sequences_per_step + i) % len(rows) for i in range(config.sequences_per_step)]
@@ -452,6 +466,9 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         bar.set_postfix(loss=f"{loss_cal.item():.3f}")
         done = step + 1
         record = {"step": done, "loss": round(loss_cal.item(), 4), "time": time.time()}
+        if config.minutes > 0 and time.time() > deadline and done < config.steps:
+            log(f"the {config.minutes:g} min budget ran out at step {done} of {config.steps}")
+            config = replace(config, steps=done)
         if held_out and (done % config.eval_every == 0 or done == config.steps):
             drafter.eval()
             evaluation = held_out[: config.eval_sequences]
@@ -467,5 +484,8 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         history.append(record)
         if done % config.save_every == 0 or done == config.steps:
             save_state(out, drafter, optimizer, done, config, history)
+        bar.update(1)
+        step = done
+    bar.close()
     drafter.eval()
     return drafter

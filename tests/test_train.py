@@ -257,6 +257,33 @@ def test_train_on_several_corpora_keeps_each_ones_states_in_its_own_store(toy, t
     assert capsys.readouterr().err.strip().endswith("build one with `flexdraft data`")
 
 
+def test_fit_steps_spends_five_sixths_of_the_time_left_at_the_measured_pace():
+    from flexdraft.train import fit_steps
+
+    assert fit_steps(20, 0.5, 600.0) == 20 + 1000
+    assert fit_steps(20, 2.0, 1.0) == 21          # always at least one more step
+
+
+def test_a_budgeted_run_fits_its_step_count_and_ends_by_its_deadline(toy, tmp_path):
+    """--minutes: after warm-up the run fits its step count to the time left; if the estimate is short, the
+    deadline ends it anyway, evaluated and saved at the step it reached."""
+    import time
+
+    model, rows, held_out = toy
+    said = []
+    config = small_config(steps=10 ** 6, minutes=0.05, eval_every=10 ** 6, save_every=10 ** 6, eval_sequences=4)
+    began = time.time()
+    train(model, rows, held_out, tmp_path / "run", config, log=said.append)
+    elapsed = time.time() - began
+    fitted = [m for m in said if m.startswith("budget of 0.05 min:")]
+    assert len(fitted) == 1, said
+    planned = int(fitted[0].split(": ")[1].split()[0])
+    state = json.loads((tmp_path / "run" / "state" / "state.json").read_text())
+    assert 20 < state["step"] <= planned and state["config"]["steps"] == state["step"]
+    assert "tau" in state["history"][-1] and state["history"][-1]["step"] == state["step"]
+    assert elapsed < 3 * 60 * 0.05 + 5
+
+
 def test_the_kl_term_reads_the_targets_own_next_token_distribution(toy):
     """Soft labels at a slot are the target's distribution over the draft vocabulary, predicted from the token
     before the slot, as a plain forward pass gives it."""

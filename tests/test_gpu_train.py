@@ -1,0 +1,37 @@
+"""The GPU training run, rehearsed on the CPU: the payload fits the device's per-call limit, the target is rebuilt
+from GGUF parts with its own fingerprint, sampled answers are added, a drafter trains from the shipped one, and what
+comes back (at most eight files under 16 MiB) reassembles into a drafter the local target accepts."""
+import json
+import shutil
+
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+
+def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeypatch):
+    from experiments import gpu_train
+    from flexdraft.data import read_corpus
+
+    folders = gpu_train.prepare(tmp_path / "payload", max_rows=40, call_mib=40)
+    assert len(folders) == 3   # 98 MB of GGUF and the small files, 40 MiB at a time
+    for folder in folders:
+        assert sum(p.stat().st_size for p in folder.iterdir()) <= 40 * 2 ** 20
+    there = tmp_path / "there"   # what the device calls leave in /tmp/payload
+    there.mkdir()
+    for folder in folders:
+        for p in folder.iterdir():
+            shutil.copy(p, there / p.name)
+
+    monkeypatch.setenv("FLEXDRAFT_CACHE", str(tmp_path / "cache"))   # the GPU machine's own, empty, cache
+    out = tmp_path / "out"
+    summary = gpu_train.run(there, out, minutes=4, dry_run=True)
+    assert summary["sampled_rows"] == 6 and summary["trained_steps"] >= 1, summary
+    returned = list(out.iterdir())
+    assert len(returned) <= 8 and all(p.stat().st_size < 16 * 2 ** 20 for p in returned), returned
+    assert len(read_corpus(tmp_path / "cache" / "corpus" / summary["manifest"]["corpus_name"])) == 40
+
+    got = gpu_train.collect(out, tmp_path / "collected")
+    trained = tmp_path / "out-run" / "drafter" / "drafter.safetensors"
+    assert (got / "drafter.safetensors").read_bytes() == trained.read_bytes()
+    assert json.loads((tmp_path / "collected" / "state.json").read_text())["step"] == summary["trained_steps"]

@@ -153,7 +153,7 @@ def rebuild_model(payload: Path, manifest: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with tarfile.open(payload / "model-files.tar") as tar:
-        tar.extractall(tmp)
+        tar.extractall(tmp, filter="data")
     save_file(llama_state_dict(gguf), str(tmp / "model.safetensors"))
     got = load_model(tmp).fingerprint
     if got != manifest["fingerprint"]:
@@ -216,7 +216,10 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, tempera
     summary["steps"]["data_s"] = round(time.time() - step_began, 1)
     log(f"sampled answers: {summary['sampled_rows']} ({summary['steps']['data']}, {summary['steps']['data_s']} s)")
 
-    run_dir = out.parent / (out.name + "-run")
+    from flexdraft.assets import cache_dir
+
+    run_dir = cache_dir() / "runs" / "gpu_train"   # the state (optimizer included) is too large to return
+    summary["run_dir"] = str(run_dir)
     left = deadline - time.time()
     train_minutes = max(0.05, (left - 90) / 60) if not dry_run else 0.05   # 90 s: states before the loop, copying
     shape = ["--num-tuned-layers", "12", "--sequences-per-step", "2", "--blocks-per-sequence", "4",

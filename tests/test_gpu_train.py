@@ -32,6 +32,7 @@ def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeyp
     assert len(read_corpus(tmp_path / "cache" / "corpus" / summary["manifest"]["corpus_name"])) == 40
 
     got = gpu_train.collect(out, tmp_path / "collected")
-    trained = tmp_path / "out-run" / "drafter" / "drafter.safetensors"
+    trained = tmp_path / "cache" / "runs" / "gpu_train" / "drafter" / "drafter.safetensors"
+    assert summary["run_dir"] == str(trained.parent.parent)
     assert (got / "drafter.safetensors").read_bytes() == trained.read_bytes()
     assert json.loads((tmp_path / "collected" / "state.json").read_text())["step"] == summary["trained_steps"]

@@ -2,7 +2,7 @@
 
 Why: the default model ships as a 98 MB Q4_1 GGUF, four times smaller than its fp32 safetensors. A machine that has
 neither the `gguf` package nor room to receive 538 MB (the lent GPU machine: 64 MiB per call) can take the GGUF in
-parts and rebuild the very same fp32 weights here. "The very same" is checked, not assumed: the dequantisation
+parts and rebuild the very same fp32 weights there. "The very same" is checked, not assumed: the dequantisation
 follows gguf-py's arithmetic (fp32, multiply then add) and the q/k row order transformers restores, so the rebuilt
 target has the fingerprint a drafter records (``tests/test_gguf_weights.py`` compares every tensor).
 

@@ -377,7 +377,8 @@ def schedule(config: TrainConfig, step: int) -> float:
 def fit_steps(step: int, seconds_per_step: float, seconds_left: float) -> int:
     """The step count that ends a budgeted run by its deadline, at the pace measured so far, a sixth of what is
     left kept for evaluations and checkpoints. Fitted once, when warm-up ends: the cosine schedule depends on the
-    step count only after warm-up, so the learning rate still decays to its floor at the (new) last step."""
+    step count only after warm-up, so the learning rate still decays to its floor at the (new) last step. A run
+    resumed past warm-up is refitted after ten steps, and its schedule moves to the new count there."""
     return max(step + 1, step + int(seconds_left * 5 / 6 / max(seconds_per_step, 1e-9)))
 
 

@@ -194,7 +194,8 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, tempera
     out.mkdir(parents=True, exist_ok=True)
     logfile = out / "gpu_train.log"
     manifest = json.loads((payload / "manifest.json").read_text())
-    summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes, "steps": {}}
+    summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes,
+               "temperature": temperature, "steps": {}}
     rebuild_model(payload, manifest)
     summary["steps"]["model_s"] = round(time.time() - began, 1)
     log(f"target rebuilt, fingerprint {manifest['fingerprint']} ({summary['steps']['model_s']} s)")
@@ -290,8 +291,7 @@ def collect(files: Path, out: Path) -> Path:
     summary = json.loads((files / "gpu_train.json").read_text())
     sampled_xz = files / "sampled.jsonl.xz"
     if sampled_xz.is_file():
-        temperature = 0.8
-        target = corpus_path(model.fingerprint, temperature)
+        target = corpus_path(model.fingerprint, summary["temperature"])
         if len(read_corpus(target)) < summary.get("sampled_rows", 0):
             with lzma.open(sampled_xz, "rb") as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)

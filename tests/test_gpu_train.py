@@ -31,7 +31,11 @@ def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeyp
     assert len(returned) <= 8 and all(p.stat().st_size < 16 * 2 ** 20 for p in returned), returned
     assert len(read_corpus(tmp_path / "cache" / "corpus" / summary["manifest"]["corpus_name"])) == 40
 
+    sampled = tmp_path / "cache" / "corpus" / summary["manifest"]["corpus_name"].replace("greedy", "t0.8")
+    rows = read_corpus(sampled)
+    sampled.unlink()   # as on a machine that never had them: collect brings the sampled answers home
     got = gpu_train.collect(out, tmp_path / "collected")
+    assert read_corpus(sampled) == rows
     trained = tmp_path / "cache" / "runs" / "gpu_train" / "drafter" / "drafter.safetensors"
     assert summary["run_dir"] == str(trained.parent.parent)
     assert (got / "drafter.safetensors").read_bytes() == trained.read_bytes()

@@ -48,6 +48,7 @@ class TrainConfig:
     raw_loss_weight: float = 0.0     # > 0 also trains the uncalibrated logits directly (costs a second softmax)
     draft_vocab: int = 16384         # a fresh drafter drafts from the corpus's most frequent tokens; 0: all
     kl_weight: float = 0.0           # > 0 adds cross-entropy against the target's own distribution at each slot
+    target_labels: bool = False      # label each slot with the target's greedy token, not the corpus's (sampled corpora)
     calibration_lr: float = 0.0      # > 0: the calibration MLP's own peak learning rate (0: the same as lr)
     calibration_weight_decay: float = 0.0   # AdamW decay of the calibration MLP alone (the copies would decay to 0)
     train_attention: bool = True     # false: a calibration-only stage (projector copies and mask_embedding frozen)
@@ -187,15 +188,30 @@ def clean_pass(model: Transformer, tokens: torch.Tensor, bf16: bool = False, sta
     return cache, hidden
 
 
-@torch.no_grad()
-def target_distribution(model, drafter, clean_hidden, label_pos) -> torch.Tensor:
-    """The target's own next-token distribution at every labelled slot, over the draft vocabulary (renormalised):
-    the soft labels of the KL term. [B, G, Bs-1] positions -> [B, G, Bs-1, Vd]."""
+def target_logits(model, clean_hidden, label_pos, head: torch.Tensor) -> torch.Tensor:
+    """The target's logits (over the rows of ``head``) for the token at every label position, from the clean
+    pass's final hidden states at the position before it. [B, G, Bs-1] positions -> [B, G, Bs-1, V]."""
     B, G, S = label_pos.shape
     before = (label_pos - 1).clamp(max=clean_hidden.shape[1] - 1).flatten(1)
     hidden = clean_hidden.gather(1, before[..., None].expand(-1, -1, clean_hidden.shape[-1]))
     normed = rms_norm(hidden, model.norm, model.config.rms_norm_eps)
-    return torch.softmax(F.linear(normed, drafter.vocab_rows(model.lm_head)).float(), dim=-1).view(B, G, S, -1)
+    return F.linear(normed, head).view(B, G, S, -1)
+
+
+@torch.no_grad()
+def target_distribution(model, drafter, clean_hidden, label_pos) -> torch.Tensor:
+    """The target's own next-token distribution at every labelled slot, over the draft vocabulary (renormalised):
+    the soft labels of the KL term. [B, G, Bs-1] positions -> [B, G, Bs-1, Vd]."""
+    logits = target_logits(model, clean_hidden, label_pos, drafter.vocab_rows(model.lm_head))
+    return torch.softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def target_greedy_labels(model, drafter, clean_hidden, label_pos) -> torch.Tensor:
+    """The target's own greedy token at every labelled slot, given the corpus's tokens before it, as draft-vocabulary
+    indices (-1 where the head cannot draft it). For a sampled corpus these differ from the corpus's tokens: the
+    engine verifies greedily, so a draft is right when it is the target's argmax, not the token one sample drew."""
+    return drafter.draft_indices(target_logits(model, clean_hidden, label_pos, model.lm_head).argmax(-1))
 
 
 def block_logits(model, drafter, cache, tokens, anchors, calibrate=True):
@@ -451,6 +467,8 @@ def train(model: Transformer, rows: list[dict], held_out: list[dict], out: Path,
         autocast = bf16_autocast(model, config.bf16)
         with autocast:
             raw, calibrated, labels, label_pos = block_logits(model, drafter, cache, tokens, anchors)
+            if config.target_labels:
+                labels = target_greedy_labels(model, drafter, clean_hidden, label_pos)
         valid = (label_pos < lengths[:, None, None]).float()
         loss_cal = loss_on(calibrated, labels, valid, weights)
         loss = loss_cal

@@ -304,6 +304,44 @@ def test_the_kl_term_reads_the_targets_own_next_token_distribution(toy):
                 torch.testing.assert_close(got[b, g, s], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_target_labels_are_the_targets_argmax_at_each_slot_in_draft_indices(toy):
+    """Each slot's label is the target's greedy token after the corpus's tokens before it (a plain forward pass's
+    argmax), mapped into the draft vocabulary, and -1 where the head cannot draft it."""
+    from flexdraft.train import target_greedy_labels
+
+    model, rows, _ = toy
+    vocab = list(range(1, model.config.vocab_size, 3))
+    drafter = Drafter.initialise(model, 2, 5, 16, draft_vocab=vocab)
+    tokens, _, _ = pad_sequences(rows[3:5], "cpu")
+    _, hidden = clean_pass(model, tokens)
+    label_pos = torch.tensor([[[5, 6, 7], [17, 18, 19]], [[9, 10, 11], [33, 34, 35]]])
+    got = target_greedy_labels(model, drafter, hidden, label_pos)
+    greedy = model.logits(hidden).argmax(-1)
+    index = {t: i for i, t in enumerate(vocab)}
+    expected = torch.tensor([[[index.get(int(greedy[b, p - 1]), -1) for p in slots] for slots in label_pos[b]]
+                             for b in range(2)])
+    assert torch.equal(got, expected)
+    assert (got == -1).any() and (got >= 0).any()   # both cases are exercised
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_target_labels_change_training_only_where_the_corpus_is_not_greedy(toy, tmp_path, temperature):
+    """On the target's own greedy answers the target's labels are the corpus's tokens, so the run is the same step
+    for step; on sampled answers they differ, and so does the run."""
+    model, source, _ = toy
+    prompts = [r["prompt_ids"] + r["response_ids"][:3] for r in source[:8]]
+    batch, _ = generate_ar(model, prompts, 20, SamplingParams(temperature=temperature), [[-1]] * 8, torch.arange(8))
+    rows = [{"prompt_ids": p, "response_ids": r, "held_out": False} for p, r in zip(prompts, batch.results()[0])]
+    losses = {}
+    for target_labels in (False, True):
+        out = tmp_path / f"run-{target_labels}"
+        train(model, rows, [], out, small_config(steps=6, target_labels=target_labels), log=lambda *_: None)
+        history = json.loads((out / "state" / "state.json").read_text())["history"]
+        losses[target_labels] = torch.tensor([r["loss"] for r in history])
+    same = torch.allclose(losses[False], losses[True], rtol=0, atol=1e-4)
+    assert same == (temperature == 0.0), losses
+
+
 def test_training_with_the_kl_term_lowers_the_loss(toy, tmp_path):
     model, rows, held_out = toy
     train(model, rows, held_out, tmp_path / "run", small_config(steps=40, kl_weight=1.0), log=lambda *_: None)

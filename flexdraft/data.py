@@ -93,36 +93,49 @@ class DataConfig:
 def build_corpus(fd, config: DataConfig, prompts: list[str] | None = None, path: Path | None = None) -> Path:
     """Generate responses for up to ``num_prompts`` prompts not yet in the corpus; returns the corpus path."""
     if prompts is None:
-        from flexdraft.assets import sharegpt_later_turns, sharegpt_prompts
-
-        if config.turns not in ("first", "later"):
-            raise FlexDraftError(f"turns must be 'first' or 'later', got {config.turns!r}")
-        prompts = sharegpt_prompts() if config.turns == "first" else sharegpt_later_turns()
+        prompts = sharegpt_turns(config.turns)
     path = path or corpus_path(fd.model.fingerprint or "model", config.temperature)
     path.parent.mkdir(parents=True, exist_ok=True)
     cut_torn_tail(path)
     done = {row["key"] for row in read_corpus(path)}
+    todo = pending_prompts(fd, prompts, done, config.num_prompts - len(done), config.max_prompt_tokens)
+    return write_responses(fd, todo, len(done), config, path)
+
+
+def sharegpt_turns(turns: str) -> list:
+    """ShareGPT's first human turns ("first"), or every later one with its history ("later")."""
+    from flexdraft.assets import sharegpt_later_turns, sharegpt_prompts
+
+    if turns not in ("first", "later"):
+        raise FlexDraftError(f"turns must be 'first' or 'later', got {turns!r}")
+    return sharegpt_prompts() if turns == "first" else sharegpt_later_turns()
+
+
+def pending_prompts(fd, prompts: list, done: set[str], limit: int, max_prompt_tokens: int) -> list[tuple[str, list[int]]]:
+    """``(key, ids)`` of up to ``limit`` prompts not yet answered (key not in ``done``), in order: deduplicated,
+    an empty last turn skipped, one that cannot fit ``max_prompt_tokens`` dropped."""
     todo, seen = [], set(done)
     for prompt in prompts:
+        if len(todo) >= limit:
+            break
         key = prompt_key(prompt)
         if key in seen or not (prompt[-1]["content"] if isinstance(prompt, list) else prompt).strip():
             continue
         seen.add(key)
-        ids = fit_prompt(fd, prompt, config.max_prompt_tokens)
+        ids = fit_prompt(fd, prompt, max_prompt_tokens)
         if ids is not None:
             todo.append((key, ids))
-        if len(done) + len(todo) >= config.num_prompts:
-            break
-    return write_responses(fd, todo, len(done), config, path)
+    return todo
 
 
 def answer_again(fd, source: Path, config: DataConfig, path: Path | None = None) -> Path:
-    """Answer the prompts of the corpus at ``source`` once more (sampled, with ``config.temperature`` > 0) into a
-    corpus of their own. The prompt ids come from the source, so no ShareGPT is needed, and each row keeps its
-    prompt's key, so a prompt held out there is held out here too."""
+    """Answer the prompts of the corpus at ``source`` (or of any JSONL of ``{"key", "prompt_ids"}`` rows) into the
+    corpus of ``config.temperature``: sampled answers beside greedy ones, or greedy answers to prompts tokenised
+    elsewhere. The prompt ids come from the source, so no ShareGPT is needed, and each row keeps its prompt's key,
+    so a prompt held out there is held out here too."""
     rows = read_corpus(Path(source))
     if not rows:
-        raise FlexDraftError(f"no corpus rows in {source}: build it with `flexdraft data` first")
+        raise FlexDraftError(f"no prompts in {source}: build a corpus with `flexdraft data` first")
     path = path or corpus_path(fd.model.fingerprint or "model", config.temperature)
     if Path(path).resolve() == Path(source).resolve():
         raise FlexDraftError(f"answering {source} again would append to it: pass another --temperature")

@@ -122,5 +122,5 @@ def test_answering_a_corpus_again_samples_its_own_prompts_with_their_keys(tmp_pa
     assert batch.results()[0][0] == row["response_ids"]
     with pytest.raises(FlexDraftError, match="would append to it"):
         answer_again(fd, source, config, source)
-    with pytest.raises(FlexDraftError, match="no corpus rows"):
+    with pytest.raises(FlexDraftError, match="no prompts in"):
         answer_again(fd, tmp_path / "missing.jsonl", config, sampled_path)

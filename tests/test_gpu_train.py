@@ -1,7 +1,9 @@
 """The GPU training run, rehearsed on the CPU: the payload fits the device's per-call limit, the target is rebuilt
-from GGUF parts with its own fingerprint, sampled answers are added, a drafter trains from the shipped one, and what
-comes back (at most eight files under 16 MiB) reassembles into a drafter the local target accepts."""
+from GGUF parts with its own fingerprint, prompts the corpus has not answered are answered into it, a drafter trains
+from the shipped one, and what comes back (at most eight files under 16 MiB) reassembles into a drafter the local
+target accepts and the new answers the local corpus lacks."""
 import json
+import lzma
 import shutil
 
 import pytest
@@ -13,7 +15,7 @@ def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeyp
     from experiments import gpu_train
     from flexdraft.data import read_corpus
 
-    folders = gpu_train.prepare(tmp_path / "payload", max_rows=40, call_mib=40)
+    folders = gpu_train.prepare(tmp_path / "payload", max_rows=40, call_mib=40, max_prompts=8)
     assert len(folders) == 3   # 98 MB of GGUF and the small files, 40 MiB at a time
     for folder in folders:
         assert sum(p.stat().st_size for p in folder.iterdir()) <= 40 * 2 ** 20
@@ -26,16 +28,19 @@ def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeyp
     monkeypatch.setenv("FLEXDRAFT_CACHE", str(tmp_path / "cache"))   # the GPU machine's own, empty, cache
     out = tmp_path / "out"
     summary = gpu_train.run(there, out, minutes=4, dry_run=True)
-    assert summary["sampled_rows"] == 6 and summary["trained_steps"] >= 1, summary
+    assert summary["manifest"]["prompts"] == 8 and summary["new_rows"] == 6 and summary["trained_steps"] >= 1, summary
     returned = list(out.iterdir())
     assert len(returned) <= 8 and all(p.stat().st_size < 16 * 2 ** 20 for p in returned), returned
-    assert len(read_corpus(tmp_path / "cache" / "corpus" / summary["manifest"]["corpus_name"])) == 40
+    corpus = tmp_path / "cache" / "corpus" / summary["manifest"]["corpus_name"]
+    rows = read_corpus(corpus)
+    assert len(rows) == 46 and all(len(r["response_ids"]) >= 1 for r in rows[40:])
+    sent = [json.loads(line) for line in lzma.open(there / "prompts.jsonl.xz", "rt")]
+    assert sorted((r["key"], r["prompt_ids"]) for r in rows[40:]) == sorted((r["key"], r["prompt_ids"]) for r in sent[:6])
 
-    sampled = tmp_path / "cache" / "corpus" / summary["manifest"]["corpus_name"].replace("greedy", "t0.8")
-    rows = read_corpus(sampled)
-    sampled.unlink()   # as on a machine that never had them: collect brings the sampled answers home
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))   # home: the corpus before the run
     got = gpu_train.collect(out, tmp_path / "collected")
-    assert read_corpus(sampled) == rows
+    gpu_train.collect(out, tmp_path / "collected")   # twice: an answer already home is not appended again
+    assert read_corpus(corpus) == rows
     trained = tmp_path / "cache" / "runs" / "gpu_train" / "drafter" / "drafter.safetensors"
     assert summary["run_dir"] == str(trained.parent.parent)
     assert (got / "drafter.safetensors").read_bytes() == trained.read_bytes()

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "shed to fit --max-prompt-tokens); both land in the same corpus")
     data.add_argument("--from-corpus", default=None,
                       help="answer the prompts of this corpus file (or JSONL of key / prompt_ids rows) instead of "
-                           "ShareGPT's, into the corpus of --temperature (> 0: sampled answers in a corpus of their own)")
+                           "ShareGPT's, into the corpus of --temperature (> 0: sampled, a corpus of their own)")
     data.add_argument("--dtype", default="bfloat16" if backend.cpu_bf16_is_fast() else "float32",
                       choices=["float32", "bfloat16"], help="default: bfloat16 where this CPU's bf16 GEMM is fast")
     add_device_arg(data)

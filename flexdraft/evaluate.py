@@ -93,7 +93,8 @@ def section_training(state_path: Path, out: Path) -> list[str]:
              f"{state['step']} steps in this run ({hours:.1f} h of wall time), "
              f"{config['sequences_per_step']} sequences x {config['blocks_per_sequence']} blocks per step, "
              f"lr {config['lr']}, position decay {config['position_decay']}, KL weight {config.get('kl_weight', 0.0)}, "
-             f"{'the target' if config.get('target_labels') else 'the corpus'}'s tokens as labels, seed {config['seed']}, bf16 autocast {config['bf16']}; drafter: "
+             f"{'the target' if config.get('target_labels') else 'the corpus'}'s tokens as labels, "
+             f"seed {config['seed']}, bf16 autocast {config['bf16']}; drafter: "
              f"{state['drafter_config']['num_tuned_layers']} tuned layers, block {state['drafter_config']['block_size']}, "
              f"calibration rank {state['drafter_config']['calibration_rank']}, draft vocabulary "
              f"{state['drafter_config'].get('draft_vocab_size') or 'the whole'} words.", ""]

@@ -69,8 +69,11 @@ def tree_mib() -> float:
 
 # ---- here: what travels -----------------------------------------------------------------------------------------
 def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = None,
-            max_prompts: int | None = None) -> list[Path]:
-    """Write the payload into ``out/1..N`` (one folder per device call, each under what a call may carry)."""
+            max_prompts: int | None = None, corpus: Path | None = None) -> list[Path]:
+    """Write the payload into ``out/1..N`` (one folder per device call, each under what a call may carry).
+
+    ``corpus``: the local greedy corpus (default: the cache's). A machine without one (the cache does not survive
+    between tasks) sends every ShareGPT turn, and the GPU answers them from scratch."""
     import zipfile
 
     from flexdraft.api import FlexDraft
@@ -80,9 +83,9 @@ def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = Non
     model_dir = default_model_dir()
     fd = FlexDraft.load("default", "float32")
     fingerprint = fd.model.fingerprint
-    corpus = corpus_path(fingerprint, 0.0)
+    corpus = Path(corpus) if corpus else corpus_path(fingerprint, 0.0)
     if not corpus.is_file():
-        raise SystemExit(f"gpu_train: no greedy corpus at {corpus}: run `flexdraft data` first")
+        log(f"no greedy corpus at {corpus}: every ShareGPT turn travels, to be answered there")
     shutil.rmtree(out, ignore_errors=True)
     staging = out / "staging"
     staging.mkdir(parents=True)
@@ -93,16 +96,18 @@ def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = Non
         for name in MODEL_FILES:
             if (model_dir / name).is_file():
                 tar.add(model_dir / name, arcname=name)
-    lines = corpus.read_text().splitlines(keepends=True)
+    lines = corpus.read_text().splitlines(keepends=True)[:max_rows] if corpus.is_file() else []
     with lzma.open(staging / "corpus.jsonl.xz", "wt", preset=6) as f:
-        f.writelines(lines[:max_rows] if max_rows else lines)
-    # The later ShareGPT turns the corpus has not answered, tokenised here (the GPU machine has no ShareGPT).
-    done = {row["key"] for row in read_corpus(corpus)}
-    prompts = pending_prompts(fd, sharegpt_turns("later"), done, max_prompts or 10 ** 9, 256)
+        f.writelines(lines)
+    # The ShareGPT turns the corpus has not answered, tokenised here (the GPU machine has no ShareGPT). Later turns
+    # first: the first ones are what any earlier corpus answered first. (The GPU answers shortest prompts first.)
+    done = {row["key"] for row in read_corpus(corpus)} if corpus.is_file() else set()
+    prompts = pending_prompts(fd, sharegpt_turns("later") + sharegpt_turns("first"), done, max_prompts or 10 ** 9,
+                              256)
     with lzma.open(staging / "prompts.jsonl.xz", "wt", preset=6) as f:
         f.writelines(json.dumps({"key": key, "prompt_ids": ids}) + "\n" for key, ids in prompts)
     manifest = {"fingerprint": fingerprint, "gguf_sha256": sha256(staging / "model.gguf"),
-                "corpus_name": corpus.name, "rows": min(len(lines), max_rows or len(lines)), "prompts": len(prompts)}
+                "corpus_name": corpus_path(fingerprint, 0.0).name, "rows": len(lines), "prompts": len(prompts)}
 
     room = (call_mib if call_mib is not None else CALL_MIB - tree_mib() - 2) * 2 ** 20   # 2 MiB of margin
     if room < 4 * 2 ** 20:

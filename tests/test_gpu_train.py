@@ -11,11 +11,25 @@ import pytest
 pytestmark = pytest.mark.real_model
 
 
+def made_up_corpus(path, rows: int):
+    """A small greedy corpus of random answers: the rehearsal needs rows to train on, not good ones, and must not
+    depend on the machine's own corpus (the cache does not survive between tasks)."""
+    import random
+
+    rng = random.Random(0)
+    path.write_text("".join(json.dumps({
+        "key": f"made-up-{i:03d}", "prompt_ids": [1] + [rng.randrange(2, 49152) for _ in range(rng.randrange(4, 30))],
+        "response_ids": [rng.randrange(2, 49152) for _ in range(rng.randrange(8, 40))],
+        "finish_reason": "length", "held_out": i % 8 == 0}) + "\n" for i in range(rows)))
+    return path
+
+
 def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeypatch):
     from experiments import gpu_train
     from flexdraft.data import read_corpus
 
-    folders = gpu_train.prepare(tmp_path / "payload", max_rows=40, call_mib=40, max_prompts=8)
+    home = made_up_corpus(tmp_path / "home-corpus.jsonl", 40)
+    folders = gpu_train.prepare(tmp_path / "payload", call_mib=40, max_prompts=8, corpus=home)
     assert len(folders) == 3   # 98 MB of GGUF and the small files, 40 MiB at a time
     for folder in folders:
         assert sum(p.stat().st_size for p in folder.iterdir()) <= 40 * 2 ** 20
@@ -45,3 +59,15 @@ def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeyp
     assert summary["run_dir"] == str(trained.parent.parent)
     assert (got / "drafter.safetensors").read_bytes() == trained.read_bytes()
     assert json.loads((tmp_path / "collected" / "state.json").read_text())["step"] == summary["trained_steps"]
+
+
+def test_prepare_without_a_local_corpus_sends_every_turn_to_be_answered_there(tmp_path):
+    from experiments import gpu_train
+
+    folders = gpu_train.prepare(tmp_path / "payload", call_mib=40, max_prompts=5, corpus=tmp_path / "none.jsonl")
+    files = {p.name: p for folder in folders for p in folder.iterdir()}
+    manifest = json.loads(files["manifest.json"].read_text())
+    assert manifest["rows"] == 0 and manifest["prompts"] == 5
+    assert lzma.open(files["corpus.jsonl.xz"], "rt").read() == ""
+    sent = [json.loads(line) for line in lzma.open(files["prompts.jsonl.xz"], "rt")]
+    assert len(sent) == 5 and len({r["key"] for r in sent}) == 5 and all(len(r["prompt_ids"]) > 1 for r in sent)

@@ -99,11 +99,15 @@ def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = Non
     lines = corpus.read_text().splitlines(keepends=True)[:max_rows] if corpus.is_file() else []
     with lzma.open(staging / "corpus.jsonl.xz", "wt", preset=6) as f:
         f.writelines(lines)
-    # The ShareGPT turns the corpus has not answered, tokenised here (the GPU machine has no ShareGPT). Later turns
-    # first: the first ones are what any earlier corpus answered first. (The GPU answers shortest prompts first.)
+    # The ShareGPT turns the corpus has not answered, tokenised here (the GPU machine has no ShareGPT), in the order
+    # the GPU answers them (`--order given`) until its deadline: the later turns longest first, then the first
+    # turns. CPU corpora answer shortest prompts first, and the shipped drafter was trained on every first turn and
+    # the shortest 11k later ones, so this order reaches prompts no drafter has seen first.
     done = {row["key"] for row in read_corpus(corpus)} if corpus.is_file() else set()
-    prompts = pending_prompts(fd, sharegpt_turns("later") + sharegpt_turns("first"), done, max_prompts or 10 ** 9,
-                              256)
+    limit = max_prompts or 10 ** 9
+    later = pending_prompts(fd, sharegpt_turns("later"), done, limit, 256)
+    later.sort(key=lambda item: -len(item[1]))
+    prompts = later + pending_prompts(fd, sharegpt_turns("first"), done, limit - len(later), 256)
     with lzma.open(staging / "prompts.jsonl.xz", "wt", preset=6) as f:
         f.writelines(json.dumps({"key": key, "prompt_ids": ids}) + "\n" for key, ids in prompts)
     manifest = {"fingerprint": fingerprint, "gguf_sha256": sha256(staging / "model.gguf"),
@@ -227,7 +231,7 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, data_sh
         else ["--batch-size", "256", "--num-prompts", str(10 ** 7)]
     step_began = time.time()
     summary["steps"]["data"] = supervised(
-        py + ["data", "--from-corpus", str(prompts), "--temperature", "0", "--device", device,
+        py + ["data", "--from-corpus", str(prompts), "--order", "given", "--temperature", "0", "--device", device,
               "--dtype", "float32" if dry_run else "bfloat16", *small],
         data_share * (deadline - time.time()), logfile)
     new_rows = read_corpus(greedy)[manifest["rows"]:]

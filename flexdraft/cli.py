@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "ShareGPT's, into the corpus of --temperature (> 0: sampled, a corpus of their own)")
     data.add_argument("--dtype", default="bfloat16" if backend.cpu_bf16_is_fast() else "float32",
                       choices=["float32", "bfloat16"], help="default: bfloat16 where this CPU's bf16 GEMM is fast")
+    data.add_argument("--order", default="shortest", choices=["shortest", "given"],
+                      help="shortest prompts first (most prompts per second), or the prompts' own order as a "
+                           "priority (--from-corpus files written in priority order; a deadline keeps the first)")
     add_device_arg(data)
 
     train = sub.add_parser("train", help="train a drafter (attention tuning + calibration) on the corpus")
@@ -180,7 +183,7 @@ def command_data(args) -> int:
         raise FlexDraftError("--temperature must be >= 0")
     fd = FlexDraft.load(args.model, args.dtype, device=args.device)
     config = DataConfig(args.num_prompts, args.max_prompt_tokens, args.max_new_tokens, args.batch_size,
-                        args.temperature, turns=args.turns)
+                        args.temperature, turns=args.turns, order=args.order)
     path = answer_again(fd, Path(args.from_corpus), config) if args.from_corpus else build_corpus(fd, config)
     print(path)
     return 0

@@ -88,6 +88,13 @@ class DataConfig:
     temperature: float = 0.0
     seed: int = 0
     turns: str = "first"   # "first": ShareGPT first turns; "later": every later turn, with its history
+    # "shortest": shortest prompts first (most prompts per second); "given": the prompts' own order, a priority
+    # (sorted only within windows of PRIORITY_WINDOW batches, so that batches still hold similar lengths)
+    order: str = "shortest"
+
+
+ORDERS = ("shortest", "given")
+PRIORITY_WINDOW = 8
 
 
 def build_corpus(fd, config: DataConfig, prompts: list[str] | None = None, path: Path | None = None) -> Path:
@@ -157,7 +164,11 @@ def write_responses(fd, todo: list[tuple[str, list[int]]], already: int, config:
         print(f"corpus {path} already holds {already} responses", file=sys.stderr)
         return path
     # Similar lengths batch together: less padding, fewer wasted prefill tokens.
-    todo.sort(key=lambda item: len(item[1]))
+    if config.order not in ORDERS:
+        raise FlexDraftError(f"order must be one of {', '.join(ORDERS)}, got {config.order!r}")
+    window = len(todo) if config.order == "shortest" else PRIORITY_WINDOW * config.batch_size
+    todo = [item for start in range(0, len(todo), window)
+            for item in sorted(todo[start: start + window], key=lambda item: len(item[1]))]
     params = SamplingParams(temperature=config.temperature)
     stops = fd.stop_ids()
     with path.open("a") as out, tqdm(total=len(todo), desc="self-distilling", unit="prompt") as bar:

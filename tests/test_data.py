@@ -124,3 +124,23 @@ def test_answering_a_corpus_again_samples_its_own_prompts_with_their_keys(tmp_pa
         answer_again(fd, source, config, source)
     with pytest.raises(FlexDraftError, match="no prompts in"):
         answer_again(fd, tmp_path / "missing.jsonl", config, sampled_path)
+
+
+def test_a_priority_order_is_answered_in_windows_of_batches(tmp_path):
+    """`--order given`: a prompts file written in priority order is answered in that order, sorted by length only
+    within windows of PRIORITY_WINDOW batches; the default answers the shortest prompts first overall."""
+    from flexdraft.data import PRIORITY_WINDOW, answer_again
+
+    fd = CharChat()
+    lengths = [30, 29, 3, 28, 27, 26, 25, 24, 23, 2, 22, 21, 20, 19, 18, 17, 16, 15]   # the short ones come late
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"key": f"{i:04x}", "prompt_ids": [1] + [5] * n}) + "\n"
+                              for i, n in enumerate(lengths)))
+    windows = [sorted(lengths[k: k + PRIORITY_WINDOW]) for k in range(0, len(lengths), PRIORITY_WINDOW)]
+    assert len(windows) == 3 and windows[1][0] == 2
+    for order, expected in (("shortest", sorted(lengths)), ("given", sum(windows, []))):
+        out = tmp_path / f"{order}.jsonl"
+        answer_again(fd, source, DataConfig(num_prompts=100, max_new_tokens=2, batch_size=1, order=order), out)
+        assert [len(r["prompt_ids"]) - 1 for r in read_corpus(out)] == expected
+    with pytest.raises(Exception, match="order must be one of"):
+        answer_again(fd, source, DataConfig(order="random"), tmp_path / "bad.jsonl")

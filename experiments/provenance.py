@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -19,14 +20,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows; see ``plain_cpu_name``."""
+    name = platform.processor() or platform.machine() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1]
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return plain_cpu_name(name)
+
+
+def plain_cpu_name(name: str) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon': trademark marks and the word 'Processor' only make the slug long."""
+    return " ".join(re.sub(r"\((?:R|TM)\)|\bProcessor\b", " ", name, flags=re.IGNORECASE).split()) or "unknown"
 
 
 def device_name(device: str | torch.device = "cpu") -> str:

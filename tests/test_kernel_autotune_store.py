@@ -27,6 +27,14 @@ def test_keys_bucket_tokens_and_batch():
     assert store.device_slug("NVIDIA GeForce RTX 4090 (Laptop)") == "nvidia-geforce-rtx-4090-laptop"
 
 
+def test_a_cpu_slug_drops_trademark_marks():
+    from experiments.provenance import plain_cpu_name
+
+    assert store.device_slug("cpu " + plain_cpu_name(" Intel(R) Xeon(R) Processor") + " AVX512") == "cpu-intel-xeon-avx512"
+    assert plain_cpu_name("AMD EPYC 7763 64-Core Processor") == "AMD EPYC 7763 64-Core"
+    assert plain_cpu_name("AMD EPYC") == "AMD EPYC" and plain_cpu_name("(R)") == "unknown"
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
     """A process that believes it runs on 'Fake GPU 9000', not interpreting, with its store under tmp_path."""

@@ -70,10 +70,18 @@ def batch_prompts(ids: list[list[int]], batch: int, count: int) -> list[list[int
     return [ids[i % len(ids)] for i in range(n)]
 
 
-def prompt_lengths(ids: list[list[int]], batch: int) -> dict:
-    """Mean prompt tokens, and mean padded length (each batch's longest: what a right-padded prefill computes)."""
-    padded = [max(map(len, ids[i: i + batch])) for i in range(0, len(ids), batch)]
-    return {"prompt_tokens": statistics.mean(map(len, ids)), "padded_prompt_tokens": statistics.mean(padded)}
+def prompt_lengths(ids: list[list[int]], batch: int, device_type: str = "cpu") -> dict:
+    """Per prompt, the mean of: its tokens; its padded length (its batch's longest, what a right-padded prefill such
+    as transformers' computes); and the rows our prefill computes for it (passes of similar length)."""
+    from flexdraft.generate import PASS_OVERHEAD_TOKENS, prefill_passes
+
+    batches = [ids[i: i + batch] for i in range(0, len(ids), batch)]
+    overhead = PASS_OVERHEAD_TOKENS.get(device_type, 32)
+    rows = sum(len(rows) * max(len(b[i]) for i in rows)
+               for b in batches for rows in prefill_passes([len(p) for p in b], overhead))
+    return {"prompt_tokens": statistics.mean(map(len, ids)),
+            "padded_prompt_tokens": statistics.mean(max(map(len, b)) for b in batches),
+            "prefill_tokens": rows / len(ids)}
 
 
 def applicable(config: str, batch: int, setting: str) -> bool:
@@ -169,7 +177,7 @@ def run_bench(fd, hf, cfg: BenchConfig, out: Path | None = None, log=lambda mess
                 m = run_one(config, fd, hf, ids, batch, setting, cfg)
                 result["measurements"].append({"config": config, "setting": setting, "dataset": name,
                                                "batch_size": batch, "repeat": rep, "prompts": len(ids),
-                                               **prompt_lengths(ids, batch), **m})
+                                               **prompt_lengths(ids, batch, fd.model.device.type), **m})
                 log(f"{setting:7s} {name:9s} b{batch:<3d} rep {rep} {config:10s} {m['tokens_per_s']:8.1f} tokens/s")
         result["summary"] = summarise(result["measurements"])
         result["cells_done"] += 1

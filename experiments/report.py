@@ -67,7 +67,10 @@ def predicted_rows(bench: dict, entry: dict) -> list[dict]:
     rows = []
     for (dataset, batch, config), ms in sorted(cells.items()):
         mode, tau = (config, threshold) if config != "flex" else policy(batch)
-        prompt_len = statistics.mean(m.get("padded_prompt_tokens", m["prompt_tokens"]) for m in ms)
+        # Bench files before session 14 lack prefill_tokens: their predictions padded each prompt to its batch's
+        # longest, which our prefill does not do (it runs passes of similar length), so they overstated prefill.
+        prompt_len = statistics.mean(m.get("prefill_tokens", m.get("padded_prompt_tokens", m["prompt_tokens"]))
+                                     for m in ms)
         new_tokens = statistics.mean(m["new_tokens"] / m["prompts"] for m in ms)
         predicted = predict_run(costs, profile, mode, batch, threshold if tau is None else tau, prompt_len,
                                 new_tokens)
@@ -195,9 +198,9 @@ def section_predicted(bench: dict, entry: dict, out: Path, lines: list[str]) -> 
                                 out / "predicted_vs_measured.png")
     ratios = [r["ratio"] for r in rows if r["ratio"]]
     lines += ["## Predicted vs measured", "",
-              "The prediction for each greedy run: prefill plus decoding at the run's batch size, padded prompt "
-              "length (each batch's longest prompt: prefill and attention run to it) and mean new tokens per "
-              "sequence. It assumes the batch stays full (stops shrink it) and the "
+              "The prediction for each greedy run: prefill plus decoding at the run's batch size, the rows our "
+              "prefill computes per prompt (passes of similar length; older bench files: each batch's longest "
+              "prompt) and mean new tokens per sequence. It assumes the batch stays full (stops shrink it) and the "
               f"acceptance of the held-out profile. Predicted / measured: median {statistics.median(ratios):.2f}, "
               f"range {min(ratios):.2f} to {max(ratios):.2f}.", "",
               markdown_table(pd.DataFrame(rows).set_index("dataset"), 2), "",

@@ -46,10 +46,13 @@ class Grid:
     # Points whose token-equivalents (batch x tokens, masks weighted by the share of layers they run) exceed this are
     # left out, except the two smallest along the axis the cost table extrapolates (tokens; batch for prefill).
     max_call_tokens: int | None = 256
+    # Prefill is measured up to here instead (batch 32 x 128 tokens): an end-to-end prediction at a large batch is
+    # about half prefill, and extrapolating it from batches 1-2 assumes a cost per token that a CPU need not keep.
+    max_prefill_tokens: int | None = 4096
 
 
 QUICK = Grid(batches=(1, 2, 4), tokens=(1, 2, 4), contexts=(32,), prompt_len=16, repeats=3, min_sample_s=0.005,
-             max_call_tokens=None)
+             max_call_tokens=None, max_prefill_tokens=None)
 
 
 # ---- the bytes and FLOPs model -------------------------------------------------------------------------------
@@ -259,8 +262,8 @@ def grid_points(grid: Grid, block: int, mask_share: float = 1.0) -> list[tuple[s
     tokens = sorted({t for t in grid.tokens if t <= block} | {block})
     budget = grid.max_call_tokens or float("inf")
 
-    def within(sizes, cost):
-        return [x for i, x in enumerate(sizes) if i < 2 or cost(x) <= budget]
+    def within(sizes, cost, limit=budget):
+        return [x for i, x in enumerate(sizes) if i < 2 or cost(x) <= limit]
 
     points = []
     for b in grid.batches:
@@ -272,7 +275,9 @@ def grid_points(grid: Grid, block: int, mask_share: float = 1.0) -> list[tuple[s
             points += [("step_parallel", b, q, ctx)
                        for q in within(tokens[1:], lambda q: b * q * (1 + block * mask_share))]
         points += [("head", b, block - 1, 0)] + [("loop", b, q, 0) for q in tokens]
-    points += [("prefill", b, grid.prompt_len, 0) for b in within(sorted(grid.batches), lambda b: b * grid.prompt_len)]
+    prefill_budget = grid.max_prefill_tokens or float("inf")
+    points += [("prefill", b, grid.prompt_len, 0)
+               for b in within(sorted(grid.batches), lambda b: b * grid.prompt_len, prefill_budget)]
     return points
 
 

@@ -237,3 +237,13 @@ def test_the_compute_ceiling_is_the_faster_of_blas_and_the_runtimes_own_product(
     assert set(c["gemm_flops"]) == {"gemm", "gemm_runtime"} and min(c["gemm_flops"].values()) > 0
     assert c["peak_flops"] == pytest.approx(max(c["gemm_flops"].values()), rel=1e-6)
     assert c["gemm_source"] in ("BLAS", "the runtime's product") and c["bandwidth"] > 0
+
+
+def test_the_default_grid_measures_prefill_at_every_batch_and_leaves_out_large_decode_points():
+    """Prefill is half of a large batch's end-to-end time, so it is measured, not extrapolated from batches 1-2."""
+    from experiments.roofline import Grid
+
+    points = grid_points(Grid(), block=16, mask_share=0.4)
+    assert sorted(b for op, b, _, _ in points if op == "prefill") == [1, 2, 4, 8, 16, 32]
+    assert ("target", 32, 16, 256) not in points and ("target", 32, 8, 256) in points   # 512 and 256 tokens
+    assert sorted(b for op, b, _, _ in points if op == "prefill" and b * 128 <= 256) == [1, 2]

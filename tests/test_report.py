@@ -73,3 +73,16 @@ def test_report_says_when_a_bench_run_was_cut_short(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     text = write_report(tmp_path / "bench.json", None, [], tmp_path / "out").read_text()
     assert "stopped after 4 of its 6" in text and "No flex store entry" in text
+
+
+def test_predictions_take_the_prefill_rows_our_engine_computes():
+    """Our prefill runs ragged prompts in passes of similar length (a CPU pads little; a GPU pads all, one pass), so
+    the report predicts prefill from those rows, not from each batch's longest prompt (which overstated it ~2x)."""
+    from experiments.bench import prompt_lengths
+
+    ids = [[7] * n for n in (3, 50, 4, 60)]
+    cpu = prompt_lengths(ids, 2, "cpu")
+    assert cpu["prompt_tokens"] == 29.25 and cpu["padded_prompt_tokens"] == 55
+    assert cpu["prefill_tokens"] == 29.25          # each prompt alone: a pass costs less than the padding
+    assert prompt_lengths(ids, 2, "cuda")["prefill_tokens"] == 55   # one padded pass per batch
+    assert prompt_lengths([[7] * 9] * 3, 3, "cpu")["prefill_tokens"] == 9

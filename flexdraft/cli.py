@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "ShareGPT's, into the corpus of --temperature (> 0: sampled, a corpus of their own)")
     data.add_argument("--dtype", default="bfloat16" if backend.cpu_bf16_is_fast() else "float32",
                       choices=["float32", "bfloat16"], help="default: bfloat16 where this CPU's bf16 GEMM is fast")
-    data.add_argument("--order", default="shortest", choices=["shortest", "given"],
-                      help="shortest prompts first (most prompts per second), or the prompts' own order as a "
-                           "priority (--from-corpus files written in priority order; a deadline keeps the first)")
+    data.add_argument("--order", default="shortest", choices=["shortest", "longest", "given"],
+                      help="shortest prompts first (most prompts per second), longest first (the later turns no "
+                           "drafter has seen), or the prompts' own order as a priority (--from-corpus files "
+                           "written in priority order; a deadline keeps the first)")
     add_device_arg(data)
 
     train = sub.add_parser("train", help="train a drafter (attention tuning + calibration) on the corpus")

@@ -88,12 +88,13 @@ class DataConfig:
     temperature: float = 0.0
     seed: int = 0
     turns: str = "first"   # "first": ShareGPT first turns; "later": every later turn, with its history
-    # "shortest": shortest prompts first (most prompts per second); "given": the prompts' own order, a priority
+    # "shortest": shortest prompts first (most prompts per second); "longest": longest first (the later turns no
+    # drafter has seen: earlier corpora answered the shortest first); "given": the prompts' own order, a priority
     # (sorted only within windows of PRIORITY_WINDOW batches, so that batches still hold similar lengths)
     order: str = "shortest"
 
 
-ORDERS = ("shortest", "given")
+ORDERS = ("shortest", "longest", "given")
 PRIORITY_WINDOW = 8
 
 
@@ -166,9 +167,10 @@ def write_responses(fd, todo: list[tuple[str, list[int]]], already: int, config:
     # Similar lengths batch together: less padding, fewer wasted prefill tokens.
     if config.order not in ORDERS:
         raise FlexDraftError(f"order must be one of {', '.join(ORDERS)}, got {config.order!r}")
-    window = len(todo) if config.order == "shortest" else PRIORITY_WINDOW * config.batch_size
+    window = PRIORITY_WINDOW * config.batch_size if config.order == "given" else len(todo)
     todo = [item for start in range(0, len(todo), window)
-            for item in sorted(todo[start: start + window], key=lambda item: len(item[1]))]
+            for item in sorted(todo[start: start + window], key=lambda item: len(item[1]),
+                               reverse=config.order == "longest")]
     params = SamplingParams(temperature=config.temperature)
     stops = fd.stop_ids()
     with path.open("a") as out, tqdm(total=len(todo), desc="self-distilling", unit="prompt") as bar:

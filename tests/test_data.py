@@ -128,7 +128,8 @@ def test_answering_a_corpus_again_samples_its_own_prompts_with_their_keys(tmp_pa
 
 def test_a_priority_order_is_answered_in_windows_of_batches(tmp_path):
     """`--order given`: a prompts file written in priority order is answered in that order, sorted by length only
-    within windows of PRIORITY_WINDOW batches; the default answers the shortest prompts first overall."""
+    within windows of PRIORITY_WINDOW batches; the default answers the shortest prompts first overall, `longest`
+    the longest."""
     from flexdraft.data import PRIORITY_WINDOW, answer_again
 
     fd = CharChat()
@@ -138,7 +139,8 @@ def test_a_priority_order_is_answered_in_windows_of_batches(tmp_path):
                               for i, n in enumerate(lengths)))
     windows = [sorted(lengths[k: k + PRIORITY_WINDOW]) for k in range(0, len(lengths), PRIORITY_WINDOW)]
     assert len(windows) == 3 and windows[1][0] == 2
-    for order, expected in (("shortest", sorted(lengths)), ("given", sum(windows, []))):
+    for order, expected in (("shortest", sorted(lengths)), ("longest", sorted(lengths, reverse=True)),
+                            ("given", sum(windows, []))):
         out = tmp_path / f"{order}.jsonl"
         answer_again(fd, source, DataConfig(num_prompts=100, max_new_tokens=2, batch_size=1, order=order), out)
         assert [len(r["prompt_ids"]) - 1 for r in read_corpus(out)] == expected

@@ -77,8 +77,8 @@ def prompt_lengths(ids: list[list[int]], batch: int, device_type: str = "cpu") -
 
     batches = [ids[i: i + batch] for i in range(0, len(ids), batch)]
     overhead = PASS_OVERHEAD_TOKENS.get(device_type, 32)
-    rows = sum(len(rows) * max(len(b[i]) for i in rows)
-               for b in batches for rows in prefill_passes([len(p) for p in b], overhead))
+    rows = sum(len(group) * max(len(b[i]) for i in group)
+               for b in batches for group in prefill_passes([len(p) for p in b], overhead))
     return {"prompt_tokens": statistics.mean(map(len, ids)),
             "padded_prompt_tokens": statistics.mean(max(map(len, b)) for b in batches),
             "prefill_tokens": rows / len(ids)}

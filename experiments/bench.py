@@ -73,10 +73,10 @@ def batch_prompts(ids: list[list[int]], batch: int, count: int) -> list[list[int
 def prompt_lengths(ids: list[list[int]], batch: int, device_type: str = "cpu") -> dict:
     """Per prompt, the mean of: its tokens; its padded length (its batch's longest, what a right-padded prefill such
     as transformers' computes); and the rows our prefill computes for it (passes of similar length)."""
-    from flexdraft.generate import PASS_OVERHEAD_TOKENS, prefill_passes
+    from flexdraft.generate import pass_overhead_tokens, prefill_passes
 
     batches = [ids[i: i + batch] for i in range(0, len(ids), batch)]
-    overhead = PASS_OVERHEAD_TOKENS.get(device_type, 32)
+    overhead = pass_overhead_tokens(device_type)
     rows = sum(len(group) * max(len(b[i]) for i in group)
                for b in batches for group in prefill_passes([len(p) for p in b], overhead))
     return {"prompt_tokens": statistics.mean(map(len, ids)),

@@ -93,6 +93,10 @@ class DataConfig:
     # (sorted only within windows of PRIORITY_WINDOW batches, so that batches still hold similar lengths)
     order: str = "shortest"
 
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise FlexDraftError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+
 
 ORDERS = ("shortest", "longest", "given")
 PRIORITY_WINDOW = 8
@@ -165,8 +169,6 @@ def write_responses(fd, todo: list[tuple[str, list[int]]], already: int, config:
         print(f"corpus {path} already holds {already} responses", file=sys.stderr)
         return path
     # Similar lengths batch together: less padding, fewer wasted prefill tokens.
-    if config.order not in ORDERS:
-        raise FlexDraftError(f"order must be one of {', '.join(ORDERS)}, got {config.order!r}")
     window = PRIORITY_WINDOW * config.batch_size if config.order == "given" else len(todo)
     todo = [item for start in range(0, len(todo), window)
             for item in sorted(todo[start: start + window], key=lambda item: len(item[1]),

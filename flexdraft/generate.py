@@ -43,6 +43,11 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, streams: Streams
 PASS_OVERHEAD_TOKENS = {"cpu": 32, "cuda": 4096}
 
 
+def pass_overhead_tokens(device_type: str) -> int:
+    """What one prefill pass costs on this device type, in prompt tokens (``prefill`` and the bench's prediction)."""
+    return PASS_OVERHEAD_TOKENS.get(device_type, 32)
+
+
 def prefill_passes(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
     """Rows grouped into prefill passes of similar prompt length. A pass pads every row to its longest, so the groups
     minimise the sum over passes of (rows x longest + ``overhead_tokens``): contiguous runs of the rows sorted by
@@ -75,7 +80,7 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, mask_s
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
     last = torch.empty(len(prompts), model.config.hidden_size, dtype=model.dtype, device=device)
     masks_out = None
-    for rows in prefill_passes(lengths.tolist(), PASS_OVERHEAD_TOKENS.get(device.type, 32)):
+    for rows in prefill_passes(lengths.tolist(), pass_overhead_tokens(device.type)):
         tokens, positions, part_lengths = pad_prompts([prompts[i] for i in rows], device)
         scratch = model.new_cache(len(rows), tokens.shape[1])
         masks = None if mask_stream is None else mask_stream(part_lengths)

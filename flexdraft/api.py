@@ -68,6 +68,7 @@ def merge_stats(total: Stats, part: Stats) -> None:
     total.target_forwards += part.target_forwards
     total.row_forwards += part.row_forwards
     total.mask_tokens += part.mask_tokens
+    total.lookup_drafts += part.lookup_drafts
     width = max(len(total.accept_histogram), len(part.accept_histogram))
     total.accept_histogram = [a + b for a, b in zip(total.accept_histogram + [0] * (width - len(total.accept_histogram)),
                                                      part.accept_histogram + [0] * (width - len(part.accept_histogram)))]
@@ -148,7 +149,7 @@ class FlexDraft:
                  mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 1, raw: bool = False,
                  verify_threshold: float = 0.01, verify_strategy: str = "cumulative_product",
-                 calibration: bool = True) -> GenerationResult:
+                 calibration: bool = True, lookup: bool = True) -> GenerationResult:
         from flexdraft.generate import generate_ar
         from flexdraft.speculative import SpecConfig, generate_speculative
 
@@ -160,7 +161,7 @@ class FlexDraft:
             raise FlexDraftError(f"--batch-size must be at least 1, got {batch_size}")
         try:
             params = SamplingParams(temperature, top_k, top_p)
-            spec = SpecConfig(verify_threshold, verify_strategy, calibration)
+            spec = SpecConfig(verify_threshold, verify_strategy, calibration, lookup)
         except ValueError as exc:
             raise FlexDraftError(str(exc)) from None
         if mode != "ar" and self.drafter is None:

@@ -20,6 +20,7 @@ class Stats:
     target_forwards: int = 0          # one per step in every mode (the sequential draft pass is not one)
     row_forwards: int = 0             # sum over steps of the rows in the batch: the denominator of mean_accepted
     mask_tokens: int = 0
+    lookup_drafts: int = 0            # sequence-steps whose drafts were copied from their own text (prompt lookup)
     accept_histogram: list[int] = field(default_factory=list)   # count of steps by tokens gained (bonus included)
     timings: dict[str, float] = field(default_factory=dict)
     mode_steps: dict[str, int] = field(default_factory=dict)     # speculative steps by mode (flex switches)
@@ -37,6 +38,7 @@ class Stats:
         return {"new_tokens": self.new_tokens, "seconds": round(self.seconds, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2), "target_forwards": self.target_forwards,
                 "mean_accepted": round(self.mean_accepted, 4), "mask_tokens": self.mask_tokens,
+                "lookup_drafts": self.lookup_drafts,
                 "accept_histogram": self.accept_histogram,
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}, "mode_steps": dict(self.mode_steps)}
 

@@ -55,6 +55,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-threshold", type=float, default=0.01)
     p.add_argument("--verify-strategy", default="cumulative_product", choices=["cumulative_product", "min_confidence"])
     p.add_argument("--no-calibration", action="store_true")
+    p.add_argument("--no-lookup", action="store_true",
+                   help="draft with the drafter alone, never copying where the text repeats itself (prompt lookup)")
     add_device_arg(p)
 
 
@@ -159,7 +161,8 @@ def command_generate(args) -> int:
     result = fd.generate(prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          raw=args.raw, verify_threshold=args.verify_threshold,
-                         verify_strategy=args.verify_strategy, calibration=not args.no_calibration)
+                         verify_strategy=args.verify_strategy, calibration=not args.no_calibration,
+                         lookup=not args.no_lookup)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0

@@ -1,7 +1,8 @@
 """``flexdraft evaluate``: a drafter's acceptance and speed on MT-bench and HumanEval, all modes in one run.
 
-Greedy, batch 1. Configurations run interleaved prompt by prompt (ar, sequential, parallel, parallel without
-calibration), so a noisy shared machine slows them alike; each output is checked against ``ar`` token for token.
+Greedy, batch 1. Configurations run interleaved prompt by prompt (ar, sequential, parallel; parallel with the drafter
+alone, without prompt lookup, and that without calibration), so a noisy shared machine slows them alike; each output
+is checked against ``ar`` token for token.
 Writes ``<out>.json`` (every figure, with provenance) and ``<out>.md``.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 from flexdraft.errors import FlexDraftError
 
 CONFIGS = {"ar": dict(mode="ar"), "sequential": dict(mode="sequential"), "parallel": dict(mode="parallel"),
-           "parallel, no calibration": dict(mode="parallel", calibration=False)}
+           "parallel, no lookup": dict(mode="parallel", lookup=False),
+           "parallel, no lookup, no calibration": dict(mode="parallel", lookup=False, calibration=False)}
 
 
 def position_acceptance(histogram: list[int]) -> list[float]:

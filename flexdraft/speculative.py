@@ -6,9 +6,10 @@ State between steps, per active sequence (all batched, no loops over rows):
   drafts         [B, Bs-1] drafts for the positions after the bonus, with confidence and (sampling) their q
 
 Read ``generate_speculative`` top to bottom: prefill drafts a first block, then each step verifies ``verify_len``
-drafts and obtains the next drafts, in one pass (parallel) or two (sequential). Flex chooses the step per batch size
-(``experiments/crossover.py``); where speculation does not pay it may run a plain ``ar`` step, which leaves no
-drafts, and the next speculative step first runs the sequential draft pass.
+drafts and obtains the next drafts, in one pass (parallel) or two (sequential). Where a row's text repeats itself,
+its drafts are copied from what followed the last time instead (prompt lookup, ``flexdraft/lookup.py``). Flex chooses
+the step per batch size (``experiments/crossover.py``); where speculation does not pay it may run a plain ``ar``
+step, which leaves no drafts, and the next speculative step first runs the sequential draft pass.
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from flexdraft.batch import Batch, Stats
 from flexdraft.drafter import Drafter
 from flexdraft.generate import choose_tokens, decode_one_token, prefill
+from flexdraft.lookup import PromptLookup
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, probabilities
@@ -37,6 +40,7 @@ class SpecConfig:
     verify_threshold: float = 0.01
     verify_strategy: str = "cumulative_product"
     calibration: bool = True
+    lookup: bool = True            # copy drafts where a row's text repeats itself (flexdraft/lookup.py)
 
     def __post_init__(self):
         if self.verify_strategy not in VERIFY_STRATEGIES:
@@ -53,6 +57,14 @@ class Drafts:
 
     def keep(self, rows):
         return Drafts(self.tokens[rows], self.confidence[rows], None if self.probs is None else self.probs[rows])
+
+    def replaced(self, rows: torch.Tensor, tokens: torch.Tensor) -> "Drafts":
+        """These drafts with ``tokens`` instead where ``rows`` [B] is set: certain proposals, confidence 1 and (when
+        sampling) q one-hot on them."""
+        where = rows[:, None]
+        probs = None if self.probs is None else torch.where(
+            where[:, :, None], F.one_hot(tokens.clamp(min=0), self.probs.shape[-1]).to(self.probs.dtype), self.probs)
+        return Drafts(torch.where(where, tokens, self.tokens), torch.where(where, 1.0, self.confidence), probs)
 
 
 @contextmanager
@@ -226,6 +238,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     start = time.perf_counter()
     cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + block + 1)
     # A flex policy that starts with ar steps gets no drafts until a speculative step needs them.
+    lookup = PromptLookup(prompts, device) if spec.lookup else None
     first_mode, _ = step_choice(choose_mode, batch.size)
     bonus, drafts = prefill_with_drafts(model, drafter, prompts, cache, params, spec, streams, stats,
                                         drafts=first_mode != "ar")
@@ -247,6 +260,10 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
         if step_mode != "ar":
             if drafts is None:  # ar steps so far
                 drafts = draft_pass(model, drafter, cache, bonus, params, spec, streams, stats)
+            if lookup is not None:
+                copies, found = lookup.propose(batch, drafts.tokens.shape[1])
+                drafts = drafts.replaced(found, copies)
+                stats.lookup_drafts += int(found.sum())
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
         if trace is not None:

@@ -27,7 +27,7 @@ def test_evaluate_runs_every_configuration_losslessly():
             "provenance": {"device_name": "cpu", "threads": 1, "versions": {"torch": "x"}, "git_commit": "abc",
                            "command": "flexdraft evaluate"}}
     text = markdown(results, meta)
-    assert "| parallel, no calibration |" in text and "| accepted |" in text
+    assert "| parallel, no lookup, no calibration |" in text and "| accepted |" in text
 
 
 def test_training_section_plots_the_held_out_curve(tmp_path):

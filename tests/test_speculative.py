@@ -56,16 +56,18 @@ def some_tokens(vocab_size: int, count: int, seed: int) -> list[int]:
     return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:count].tolist()
 
 
+@pytest.mark.parametrize("lookup", [True, False], ids=["lookup", "drafter-alone"])
 @pytest.mark.parametrize("draft_vocab", [False, True], ids=["whole-vocab", "draft-vocab"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch_size", range(1, 9))
-def test_greedy_is_identical_to_autoregressive(target, mode, batch_size, draft_vocab):
+def test_greedy_is_identical_to_autoregressive(target, mode, batch_size, draft_vocab, lookup):
     vocab = some_tokens(target.config.vocab_size, target.config.vocab_size // 3, batch_size) if draft_vocab else None
-    check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab)
+    check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab, lookup)
 
 
-def check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab=None):
-    """Ragged prompts, a stop that the first sequence emits mid-way, every draft verified (threshold 0)."""
+def check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab=None, lookup=True):
+    """Ragged prompts, a stop that the first sequence emits mid-way, every draft verified (threshold 0); with prompt
+    lookup, the target's loops make some drafts copies."""
     prompts = random_prompts(target.config.vocab_size, [3 + (5 * i) % 11 for i in range(batch_size)], seed=batch_size)
     stop = stops_mid_batch(target, prompts, 18)
     stop_ids = [[stop, 96]] * batch_size
@@ -73,9 +75,12 @@ def check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab=
     assert drafter.mask_embedding.device == target.device
     expected, _ = generate_ar(target, prompts, 18, SamplingParams(), stop_ids, torch.arange(batch_size))
     got, stats = generate_speculative(target, drafter, prompts, 18, SamplingParams(), stop_ids,
-                                      torch.arange(batch_size), step_mode(mode), SpecConfig(verify_threshold=0.0))
+                                      torch.arange(batch_size), step_mode(mode),
+                                      SpecConfig(verify_threshold=0.0, lookup=lookup))
     assert got.results() == expected.results()
     assert expected.results()[1][0] == "stop"
+    assert lookup or stats.lookup_drafts == 0
+    return stats
     assert stats.new_tokens == sum(len(t) for t in expected.results()[0])
 
 
@@ -162,14 +167,17 @@ def expected_tv_bound(p, n):
     return 0.5 * float((p * (1 - p) / n).sqrt().sum())
 
 
-@pytest.mark.parametrize("mode", ["ar"] + MODES + ["parallel-draft-vocab", "sequential-draft-vocab"])
+@pytest.mark.parametrize("mode", ["ar"] + MODES + ["parallel-draft-vocab", "sequential-draft-vocab", "parallel-lookup",
+                                  "sequential-lookup", "flex-lookup"])
 def test_sampling_matches_exact_target_distribution(small_vocab, mode):
     """The "-draft-vocab" cases draft from 4 of the 6 tokens: q is zero on the other two, so only the residual
-    max(p - q, 0) can produce them, and the output must still follow p exactly."""
-    model, prompt = small_vocab, [1, 4, 2, 3]
+    max(p - q, 0) can produce them, and the output must still follow p exactly. In the "-lookup" cases the prompt
+    repeats itself, so drafts are copies (q one-hot) from the first step on; elsewhere the drafter drafts alone."""
+    lookup = mode.endswith("-lookup")
+    model, prompt = small_vocab, ([1, 4, 2, 1, 4] if lookup else [1, 4, 2, 3])
     exact = exact_distribution(model, prompt, PARAMS)
     vocab = [0, 2, 3, 5] if mode.endswith("-draft-vocab") else None
-    mode = mode.removesuffix("-draft-vocab")
+    mode = mode.removesuffix("-draft-vocab").removesuffix("-lookup")
     drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=3, draft_vocab=vocab)
     distances = []
     for n, seed0 in [(400, 0), (6400, 10_000)]:
@@ -178,8 +186,9 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
             batch, _ = generate_ar(model, [prompt] * n, CONTINUATION, PARAMS, [[-1]] * n, seeds)
         else:
             batch, stats = generate_speculative(model, drafter, [prompt] * n, CONTINUATION, PARAMS, [[-1]] * n,
-                                                seeds, step_mode(mode), SpecConfig(verify_threshold=0.0))
+                                                seeds, step_mode(mode), SpecConfig(verify_threshold=0.0, lookup=lookup))
             assert stats.mean_accepted > 1.0  # drafts were accepted, so the accept/reject paths both ran
+            assert (stats.lookup_drafts > 0) == lookup
         distances.append(tv(empirical(batch), exact))
         assert distances[-1] < 1.5 * expected_tv_bound(exact, n), (n, distances)
     assert distances[1] < distances[0]

@@ -58,7 +58,7 @@ def test_training_lowers_loss_and_raises_acceptance(toy, tmp_path):
     expected, _ = generate_ar(model, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3))
     reloaded = Drafter.load(tmp_path / "run" / "drafter", model)
     got, stats = generate_speculative(model, reloaded, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3),
-                                      "parallel", SpecConfig(verify_threshold=0.0))
+                                      "parallel", SpecConfig(verify_threshold=0.0, lookup=False))
     assert got.results() == expected.results()
 
 
@@ -144,7 +144,7 @@ def test_more_tuned_layers_deepen_a_saved_drafter(toy, tmp_path):
     prompts = [r["prompt_ids"] for r in held_out[:3]]
     expected, _ = generate_ar(model, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3))
     got, _ = generate_speculative(model, deeper, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3),
-                                  "parallel", SpecConfig(verify_threshold=0.0))
+                                  "parallel", SpecConfig(verify_threshold=0.0, lookup=False))
     assert got.results() == expected.results()
     continued = train(model, rows, [], tmp_path / "b", small_config(steps=5, num_tuned_layers=3, save_every=5),
                       log=lambda *_: None, init_from=tmp_path / "a" / "drafter")
@@ -173,7 +173,7 @@ def test_training_runs_on_a_cuda_gpu(tmp_path):
     expected, _ = generate_ar(model, prompts, 12, SamplingParams(), [[-1]] * 3, torch.arange(3))
     got, _ = generate_speculative(model, Drafter.load(tmp_path / "run" / "drafter", model), prompts, 12,
                                   SamplingParams(), [[-1]] * 3, torch.arange(3), "parallel",
-                                  SpecConfig(verify_threshold=0.0))
+                                  SpecConfig(verify_threshold=0.0, lookup=False))
     assert got.results() == expected.results()
 
 
@@ -475,7 +475,7 @@ def test_walked_acceptance_is_what_the_engine_measures(toy, tmp_path, monkeypatc
                     log=lambda *_: None)
     prompts, stop, corpus = self_distilled(8, 3)
     _, stats = generate_speculative(model, drafter, prompts, n, SamplingParams(), stop, torch.arange(len(prompts)),
-                                    "parallel", SpecConfig(verify_threshold=0.0, calibration=False))
+                                    "parallel", SpecConfig(verify_threshold=0.0, calibration=False, lookup=False))
     engine = (stats.new_tokens - len(prompts)) / (stats.row_forwards - len(prompts))
     walked = walked_acceptance(model, drafter, corpus, calibrate=False, batch=3)   # batches split unevenly
     assert 1.3 < engine < drafter.block_size   # some blocks land, some miss: the walk has work to do

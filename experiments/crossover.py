@@ -41,7 +41,8 @@ SPECULATION_MARGIN = 1.2
 # ---- the acceptance profile ----------------------------------------------------------------------------------------
 def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                        batch_size: int = 8, source: str = "") -> dict:
-    """Greedy decoding that verifies every draft; one row per sequence and step with all B_s - 1 drafts verified."""
+    """Greedy decoding that verifies every draft (drafted as the engine drafts by default: prompt-lookup copies where
+    the text repeats, confidence 1); one row per sequence and step with all B_s - 1 drafts verified."""
     from flexdraft.sampling import SamplingParams
     from flexdraft.speculative import SpecConfig, generate_speculative
 

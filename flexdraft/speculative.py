@@ -237,8 +237,8 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     stats = Stats(accept_histogram=[0] * (block + 1))
     start = time.perf_counter()
     cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + block + 1)
-    # A flex policy that starts with ar steps gets no drafts until a speculative step needs them.
     lookup = PromptLookup(prompts, device) if spec.lookup else None
+    # A flex policy that starts with ar steps gets no drafts until a speculative step needs them.
     first_mode, _ = step_choice(choose_mode, batch.size)
     bonus, drafts = prefill_with_drafts(model, drafter, prompts, cache, params, spec, streams, stats,
                                         drafts=first_mode != "ar")

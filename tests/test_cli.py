@@ -98,6 +98,17 @@ def test_json_output_contract_on_default_model(capsys):
 
 
 @pytest.mark.real_model
+def test_no_lookup_drafts_with_the_drafter_alone_and_changes_no_token(capsys):
+    prompt = ["--prompt", "Repeat exactly, five times: red fox, blue fox, red fox, blue fox."]
+    runs = []
+    for extra in ([], ["--no-lookup"]):
+        assert main(["generate", *prompt, "--mode", "parallel", "--max-new-tokens", "24", "--json", *extra]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    assert runs[0]["outputs"][0]["token_ids"] == runs[1]["outputs"][0]["token_ids"]
+    assert runs[0]["stats"]["lookup_drafts"] > 0 and runs[1]["stats"]["lookup_drafts"] == 0
+
+
+@pytest.mark.real_model
 def test_too_long_prompt_and_missing_drafter_are_clear(capsys):
     assert main(["generate", "--prompt", "word " * 9000, "--max-new-tokens", "4"]) != 0
     assert "exceeds the model's context" in capsys.readouterr().err

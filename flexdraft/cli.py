@@ -9,6 +9,7 @@ from pathlib import Path
 from experiments.cli import COMMANDS as EXPERIMENT_COMMANDS
 from experiments.cli import add_device_arg
 from experiments.cli import add_parsers as add_experiment_parsers
+from flexdraft.data import ORDERS
 from flexdraft.errors import FlexDraftError
 from kernels import backend
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "ShareGPT's, into the corpus of --temperature (> 0: sampled, a corpus of their own)")
     data.add_argument("--dtype", default="bfloat16" if backend.cpu_bf16_is_fast() else "float32",
                       choices=["float32", "bfloat16"], help="default: bfloat16 where this CPU's bf16 GEMM is fast")
-    data.add_argument("--order", default="shortest", choices=["shortest", "longest", "given"],
+    data.add_argument("--order", default="shortest", choices=ORDERS,
                       help="shortest prompts first (most prompts per second), longest first (the later turns no "
                            "drafter has seen), or the prompts' own order as a priority (--from-corpus files "
                            "written in priority order; a deadline keeps the first)")

@@ -61,9 +61,11 @@ class Drafts:
     def replaced(self, rows: torch.Tensor, tokens: torch.Tensor) -> "Drafts":
         """These drafts with ``tokens`` instead where ``rows`` [B] is set: certain proposals, confidence 1 and (when
         sampling) q one-hot on them."""
+        if not bool(rows.any()):
+            return self
         where = rows[:, None]
-        probs = None if self.probs is None else torch.where(
-            where[:, :, None], F.one_hot(tokens.clamp(min=0), self.probs.shape[-1]).to(self.probs.dtype), self.probs)
+        probs = None if self.probs is None else self.probs.index_put(
+            (rows,), F.one_hot(tokens[rows], self.probs.shape[-1]).to(self.probs.dtype))
         return Drafts(torch.where(where, tokens, self.tokens), torch.where(where, 1.0, self.confidence), probs)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from flexdraft.config import ModelConfig, rope_frequencies
 from flexdraft.errors import FlexDraftError
-from kernels.block_attention import block_attention
+from kernels.block_attention import block_attention, step_arguments
 from kernels.cpu_matmul import linear
 
 
@@ -60,11 +60,12 @@ class MaskStream:
     group_size: int
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the Hugging Face (half-split) convention; x [B, T, H, D], cos/sin [B, T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the Hugging Face (half-split) convention; x [B, T, H, D], cos/signed_sin [B, T, 1, D].
+
+    ``signed_sin`` is sin with its first half negated (``Transformer.rope``), so that rotate_half(x) * sin is
+    x.roll(D/2) * signed_sin: three fewer small ops per call, same values (a negation is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class AttentionWeights(nn.Module):
@@ -82,19 +83,20 @@ class AttentionWeights(nn.Module):
         self.k_norm = nn.Parameter(torch.empty(c.head_dim), requires_grad=False) if c.qk_norm else None
         self.eps = c.rms_norm_eps
 
-    def project(self, x, cos, sin):
-        """x [B, T, h] -> q [B, T, Hq, D], k and v [B, T, Hkv, D], RoPE applied."""
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, h] -> the q, k and v heads side by side [B, T, Hq + 2 Hkv, D], qk-norm applied, RoPE not."""
         B, T, _ = x.shape
-        qkv = linear(x, self.wqkv, self.bqkv)
-        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                             self.num_kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = F.rms_norm(q, (self.head_dim,), self.q_norm, self.eps)
-            k = F.rms_norm(k, (self.head_dim,), self.k_norm, self.eps)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        qkv = linear(x, self.wqkv, self.bqkv).view(B, T, -1, self.head_dim)
+        if self.q_norm is None:
+            return qkv
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        return torch.cat([F.rms_norm(q, (self.head_dim,), self.q_norm, self.eps),
+                          F.rms_norm(k, (self.head_dim,), self.k_norm, self.eps), v], dim=2)
+
+    def split_rotated(self, heads: torch.Tensor, cos, signed_sin):
+        """[B, T, Hq + 2 Hkv, D] heads -> q [B, T, Hq, D], k and v [B, T, Hkv, D]; q and k rotated in one call."""
+        qk = rotate(heads[:, :, :self.num_heads + self.num_kv_heads], cos, signed_sin)
+        return qk[:, :, :self.num_heads], qk[:, :, self.num_heads:], heads[:, :, self.num_heads + self.num_kv_heads:]
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         return linear(attn.flatten(2), self.wo)
@@ -150,16 +152,18 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
     def rope(self, positions: torch.Tensor):
-        """cos, sin [B, T, 1, D] for positions [B, T], from a table grown on demand."""
+        """cos, signed sin (see ``rotate``) [B, T, 1, D] for positions [B, T], from a table grown on demand."""
         need = int(positions.max()) + 1 if positions.numel() else 1
         if self._rope_table is None or self._rope_table[0].shape[0] < need:
             length = max(need, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]), 1024)
             angles = torch.arange(length, dtype=torch.float64, device=self.device)[:, None] * self.inv_freq[None]
             angles = torch.cat([angles, angles], dim=-1)
+            signed_sin = angles.sin()
+            signed_sin[:, : signed_sin.shape[1] // 2] *= -1
             self._rope_table = ((angles.cos() * self.rope_scale).to(self.dtype),
-                                (angles.sin() * self.rope_scale).to(self.dtype))
-        cos, sin = self._rope_table
-        return cos[positions][:, :, None], sin[positions][:, :, None]
+                                (signed_sin * self.rope_scale).to(self.dtype))
+        cos, signed_sin = self._rope_table
+        return cos[positions][:, :, None], signed_sin[positions][:, :, None]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head, only for the rows that need logits."""
@@ -183,10 +187,16 @@ class Transformer(nn.Module):
         else:
             first = drafter.split_layer if (num_clean == 0 and drafter is not None) else 0
             hidden = self.embed[tokens] if num_clean else None
-        cos_c, sin_c = self.rope(positions) if num_clean else (None, None)
+        # What every layer of the step shares is built once here: RoPE tables, attention limits, the visibility.
+        cos, sin = self.rope(positions) if num_clean else (None, None)
+        clean_step = step_arguments(positions, num_clean) if num_clean else None
         if masks is not None:
             cos_m, sin_m = self.rope(masks.positions)
-            kv_limit_masks = masks.anchors
+            limits = masks.anchors
+            if num_clean:
+                cos_m, sin_m = torch.cat([cos, cos_m], dim=1), torch.cat([sin, sin_m], dim=1)
+                limits = torch.cat([positions, limits], dim=1)
+            mask_step = step_arguments(limits, num_clean, masks.group_size)
         for index in range(first, len(self.layers) if stop_layer is None else stop_layer):
             layer = self.layers[index]
             if masks is not None and index == drafter.split_layer:
@@ -194,18 +204,22 @@ class Transformer(nn.Module):
                 hidden = mask_hidden if hidden is None else torch.cat([hidden, mask_hidden], dim=1)
             tuned = masks is not None and index >= drafter.split_layer
             x = F.rms_norm(hidden, hidden.shape[-1:], layer.attn_norm, layer.eps)
-            k_mask = v_mask = None
-            if num_clean:
-                q, k, v = layer.attn.project(x[:, :num_clean], cos_c, sin_c)
-                cache.write(index, k, v, positions)
-                kv_limit = positions
             if tuned:
+                # Clean rows project with the target's weights, masks with the drafter's; one RoPE call for both.
                 draft_attn = drafter.attention(index)
-                q_mask, k_mask, v_mask = draft_attn.project(x[:, num_clean:], cos_m, sin_m)
-                q = torch.cat([q, q_mask], dim=1) if num_clean else q_mask
-                kv_limit = torch.cat([positions, kv_limit_masks], dim=1) if num_clean else kv_limit_masks
-            attn = block_attention(q, cache.k[index], cache.v[index], kv_limit, k_mask, v_mask,
-                                   num_clean=num_clean, group_size=masks.group_size if tuned else 1)
+                heads = draft_attn.heads(x[:, num_clean:])
+                if num_clean:
+                    heads = torch.cat([layer.attn.heads(x[:, :num_clean]), heads], dim=1)
+                q, k, v = layer.attn.split_rotated(heads, cos_m, sin_m)
+                k, k_mask, v, v_mask = k[:, :num_clean], k[:, num_clean:], v[:, :num_clean], v[:, num_clean:]
+                step = mask_step
+            else:
+                q, k, v = layer.attn.split_rotated(layer.attn.heads(x), cos, sin)
+                k_mask = v_mask = None
+                step = clean_step
+            if num_clean:
+                cache.write(index, k, v, positions)
+            attn = block_attention(q, cache.k[index], cache.v[index], k_mask=k_mask, v_mask=v_mask, **step)
             if tuned:
                 out = layer.attn.output(attn[:, :num_clean]) if num_clean else None
                 out_mask = draft_attn.output(attn[:, num_clean:])

@@ -50,10 +50,12 @@ def visibility(kv_limit: torch.Tensor, kv_extent: int, num_clean: int, num_masks
 
 
 def block_attention_reference(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=None, *, num_clean: int,
-                              group_size: int = 1, scale: float | None = None, kv_extent: int | None = None):
+                              group_size: int = 1, scale: float | None = None, kv_extent: int | None = None,
+                              allowed: torch.Tensor | None = None):
     """Plain-PyTorch block attention (SDPA over the cache prefix that any query can see, plus the step's masks).
 
-    ``kv_extent`` (optional) is ``max(kv_limit) + 1``; passing it avoids a host sync.
+    ``kv_extent`` (optional) is ``max(kv_limit) + 1``; passing it avoids a host sync. ``allowed`` (optional, with
+    ``kv_extent``) is ``visibility(...)`` of these arguments, built once for all layers of a step (``step_arguments``).
     """
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -64,7 +66,8 @@ def block_attention_reference(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask
     if num_masks:
         keys = torch.cat([keys, k_mask.transpose(1, 2)], dim=2)
         values = torch.cat([values, v_mask.transpose(1, 2)], dim=2)
-    allowed = visibility(kv_limit, kv_extent, num_clean, num_masks, group_size)
+    if allowed is None:
+        allowed = visibility(kv_limit, kv_extent, num_clean, num_masks, group_size)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return grouped_attention(q, keys, values, allowed, scale)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed, scale=scale,
@@ -327,6 +330,24 @@ def block_attention_triton(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
     """
     return block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask, v_mask, num_clean=num_clean,
                                   group_size=group_size, scale=scale, kv_extent=kv_extent)
+
+
+def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1) -> dict:
+    """``block_attention``'s keyword arguments that every layer of a step shares, built once per step.
+
+    ``kv_limit`` [B, T] covers the step's clean tokens and then its masks (groups of ``group_size``). The reference
+    also gets its extent and visibility mask ready-made: built per layer they cost ~0.1 ms a layer on a CPU, more than
+    the attention itself at batch 1. The Triton kernel needs neither (and so no host sync).
+    """
+    from kernels import backend
+
+    args = {"kv_limit": kv_limit, "num_clean": num_clean, "group_size": group_size}
+    if backend.use_triton():
+        return args
+    kv_extent = int(kv_limit.max()) + 1
+    num_masks = kv_limit.shape[1] - num_clean
+    return {**args, "kv_extent": kv_extent,
+            "allowed": visibility(kv_limit, kv_extent, num_clean, num_masks, group_size)}
 
 
 def block_attention(*args, **kwargs):

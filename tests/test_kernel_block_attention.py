@@ -13,7 +13,7 @@ from kernel_utils import DEVICE, DTYPES, assert_close, gpu_only, poisoned_alloca
 
 from kernels import backend  # noqa: E402
 from kernels.block_attention import (block_attention, block_attention_launch, block_attention_reference,  # noqa: E402
-                                     block_attention_triton)
+                                     block_attention_triton, step_arguments)
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "num_splits": 0}   # many tiles
 SPLIT = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "num_splits": 3}   # cache split 3 ways
@@ -113,6 +113,24 @@ def test_dispatcher_uses_the_kernel():
     finally:
         backend.set_backend(previous)
     assert_close(out, block_attention_reference(**step))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("which", ["torch", "triton"])
+def test_step_arguments_serve_every_layer(name, which):
+    """The model builds the arguments a step's layers share once (for the reference: its extent and visibility);
+    attention from them is the reference's, whichever backend runs it."""
+    step = make_step(name, torch.float32, seed=6)
+    shared = {key: step.pop(key) for key in ("kv_limit", "num_clean", "group_size")}
+    previous = backend.get_backend()
+    backend.set_backend(which)
+    try:
+        args = step_arguments(**shared)
+        assert ("allowed" in args) == (which == "torch")
+        out = run_poisoned(block_attention, **step, **args)
+    finally:
+        backend.set_backend(previous)
+    assert_close(out, block_attention_reference(**step, **shared))
 
 
 # ---- GPU only: bf16 at the real shapes, default and tuned configs, automatic cache splits ------------------------

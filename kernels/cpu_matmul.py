@@ -1,4 +1,5 @@
-"""Few-row fp32 products on an x86 CPU: ``x [M, K] @ W`` for M = 1..~64 rows against a weight packed once.
+"""Few-row products on an x86 CPU: ``x [M, K] @ W`` for M = 1..~64 fp32 rows against a weight packed once (fp32, or
+bf16 for half the bytes: widened exactly to fp32 in registers, so the sums are fp32 either way).
 
 Decoding on a CPU multiplies a handful of rows (the batch, or a verify block of bonus + drafts, or the mask tokens)
 by weights streamed from DRAM. Memory bandwidth is the floor there: up to ~8 rows the product should cost what one
@@ -13,6 +14,10 @@ pass (``ISAS``): many-row products (a batch, a parallel step's mask tokens) are 
 Every output element is a plain sum over k = 0..K-1 in order, whatever M is and whichever rows share a call, so a
 row's result does not depend on its batch: a verify pass over [bonus, drafts] gives the bonus exactly the logits a
 one-row autoregressive step gives it.
+
+bf16 weights serve the draft head (bf16 copies of its vocabulary rows: on the Xeon, 3 slots' head products took
+1.5 ms here against 2.7 ms in torch's bf16 GEMM, caches cold) and any fp32 weight whose values are all bf16 values
+(a drafter's projectors, saved in bf16): packed as bf16, those give the fp32 packing's very bits.
 
 The C source is generated below (one function per row count, accumulators as named locals: GCC spills an array of
 them), compiled with the system C compiler on first use into the cache and loaded with ctypes. Where that cannot
@@ -38,6 +43,10 @@ import torch
 import torch.nn.functional as F
 
 TILE = 16   # output columns per tile of the packed layout: two AVX2 registers, or one AVX-512 register
+WEIGHT_C_TYPES = {"f32": "float", "bf16": "uint16_t"}   # weight dtypes the kernel reads (the rows are fp32 either way)
+WEIGHT_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+# bf16 weights take the kernel up to this many rows; beyond, the kernel's fp32 FMAs lose to native bf16 GEMMs (AMX).
+BF16_MAX_ROWS = 12
 
 
 @dataclass(frozen=True)
@@ -82,8 +91,12 @@ def few_rows_matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 def pack(weight: torch.Tensor, layout: str = "in_out") -> torch.Tensor:
-    """``[N/16, K, 16]`` contiguous fp32 from a weight stored [K, N] (``in_out``) or [N, K] (``out_in``, PyTorch's
-    ``F.linear`` layout, e.g. an lm_head)."""
+    """``[N/16, K, 16]`` contiguous from a weight stored [K, N] (``in_out``) or [N, K] (``out_in``, PyTorch's
+    ``F.linear`` layout, e.g. an lm_head).
+
+    bf16 stays bf16 (half the bytes to stream), and so does an fp32 weight whose every value is a bf16 value (a bf16
+    checkpoint run in fp32, such as a drafter's projectors): the kernel widens each weight back exactly, so its
+    products are bit for bit those of the fp32 copy. Anything else becomes fp32."""
     w = weight.detach()
     if layout == "out_in":
         w = w.t()
@@ -92,22 +105,27 @@ def pack(weight: torch.Tensor, layout: str = "in_out") -> torch.Tensor:
     K, N = w.shape
     if N % TILE:
         raise ValueError(f"the packed kernel needs a multiple of {TILE} output columns, got {N}")
-    return w.float().reshape(K, N // TILE, TILE).permute(1, 0, 2).contiguous()
+    w = w if w.dtype == torch.bfloat16 else w.float()
+    if w.dtype == torch.float32 and torch.equal(w, w.bfloat16().float()):
+        w = w.bfloat16()
+    return w.reshape(K, N // TILE, TILE).permute(1, 0, 2).contiguous()
 
 
 def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None = None,
                     isa: Isa | None = None) -> torch.Tensor:
-    """``x [..., K] @ W`` for W packed by ``pack``: fp32 CPU tensors; returns [..., N]. ``isa``: a variant other
-    than the one chosen for this CPU (tests, benchmarks)."""
+    """``x [..., K] @ W`` for W packed by ``pack`` (fp32 or bf16), x fp32 on the CPU; returns fp32 [..., N], summed
+    in fp32. ``isa``: a variant other than the one chosen for this CPU (tests, benchmarks)."""
     tiles, K, _ = packed.shape
-    if x.shape[-1] != K or x.dtype != torch.float32 or packed.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"few_rows_matmul takes fp32 CPU tensors with K = {K}; got x {tuple(x.shape)} {x.dtype} "
-                         f"on {x.device}")
+    if (x.shape[-1] != K or x.dtype != torch.float32 or packed.dtype not in WEIGHT_DTYPES
+            or x.device.type != "cpu"):
+        raise ValueError(f"few_rows_matmul takes fp32 CPU rows and fp32 or bf16 weights with K = {K}; got x "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}, weights {packed.dtype}")
     rows = x.reshape(-1, K).contiguous()
     out = torch.empty(rows.shape[0], tiles * TILE, dtype=torch.float32)
     lib = _library() if isa is None else library(isa)
-    lib.few_rows_matmul(rows.data_ptr(), rows.shape[0], K, packed.data_ptr(), out.data_ptr(), tiles * TILE,
-                        threads or torch.get_num_threads())
+    run = getattr(lib, f"few_rows_matmul_{WEIGHT_DTYPES[packed.dtype]}")
+    run(rows.data_ptr(), rows.shape[0], K, packed.data_ptr(), out.data_ptr(), tiles * TILE,
+        threads or torch.get_num_threads())
     return out.view(*x.shape[:-1], tiles * TILE)
 
 
@@ -123,13 +141,17 @@ def packed_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def takes_packed_path(x: torch.Tensor, weight: torch.Tensor, columns: int) -> bool:
-    """Whether ``x @ weight`` may run in the packed CPU kernel: an fp32 product of few rows, not under autocast, and
-    nothing for autograd to track (the kernel has no backward)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and columns % TILE == 0
-            and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and available() and x.numel() // x.shape[-1] <= ISA.packed_max_rows)
+    """Whether ``x @ weight`` may run in the packed CPU kernel: a product of few rows, fp32 (or bf16 weights with
+    rows of their dtype or fp32), not under autocast, and nothing for autograd to track (the kernel has no
+    backward)."""
+    if not (x.device.type == "cpu" and columns % TILE == 0 and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return False
+    rows = x.numel() // x.shape[-1]
+    if weight.dtype == torch.float32:
+        return x.dtype == torch.float32 and available() and rows <= ISA.packed_max_rows
+    return (weight.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and available()
+            and rows <= BF16_MAX_ROWS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -140,25 +162,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     longer than the bandwidth floor there (see the module docstring). Prefill and training use plain GEMMs."""
     columns = weight.shape[1] if layout == "in_out" else weight.shape[0]
     if takes_packed_path(x, weight, columns):
-        out = few_rows_matmul(x, packed_weight(weight, layout))
+        out = few_rows_matmul(x.float(), packed_weight(weight, layout)).to(x.dtype)
     else:
         out = x @ weight if layout == "in_out" else F.linear(x, weight)
     return out if bias is None else out + bias
 
 
 # ---- build -----------------------------------------------------------------------------------------------------------
-def _pass_function(isa: Isa, rows: int, tiles: int) -> list[str]:
+def _load_weights(isa: Isa, weights: str, offset: str) -> str:
+    """C for ``width`` consecutive packed weights as fp32 lanes. A bf16 weight is the top half of an fp32 one: widen
+    to 32 bits and shift left 16 (exact; plain AVX2 / AVX-512F, no BF16 instructions needed)."""
+    if weights == "f32":
+        return f"{isa.op}_loadu_ps(w + {offset})"
+    if isa.width == 16:
+        return f"_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + {offset}))), 16))"
+    return f"_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + {offset}))), 16))"
+
+
+def _pass_function(isa: Isa, rows: int, tiles: int, weights: str = "f32") -> list[str]:
     """C for one pass of ``rows`` rows over ``tiles`` consecutive tiles: a[r][t][part] accumulate over k, a tile
     being ``TILE / width`` registers wide."""
     parts = TILE // isa.width
     V, op = isa.vector, isa.op
     acc = [f"a{r}_{t}_{h}" for r in range(rows) for t in range(tiles) for h in range(parts)]
-    lines = [f"static void pass_{rows}x{tiles}(const float *x, int64_t K, const float *w, float *out, int64_t N) {{",
+    lines = [f"static void pass_{weights}_{rows}x{tiles}(const float *x, int64_t K, const {WEIGHT_C_TYPES[weights]} *w,"
+             f" float *out, int64_t N) {{",
              f"    {V} {', '.join(a + f' = {op}_setzero_ps()' for a in acc)};",
              "    for (int64_t k = 0; k < K; k++) {",
              f"        {V} b;"]
     for t in range(tiles):
-        loads = ", ".join(f"w{t}_{h} = {op}_loadu_ps(w + ({t} * K + k) * {TILE} + {h * isa.width})"
+        loads = ", ".join(f"w{t}_{h} = {_load_weights(isa, weights, f'({t} * K + k) * {TILE} + {h * isa.width}')}"
                           for h in range(parts))
         lines.append(f"        {V} {loads};")
     for r in range(rows):
@@ -176,43 +209,51 @@ def _pass_function(isa: Isa, rows: int, tiles: int) -> list[str]:
 
 
 def source(isa: Isa = ISAS["avx2"]) -> str:
-    """The C source: pass functions for every (rows, tiles) pair and the driver that splits tiles over threads."""
-    R, step_of = isa.max_rows, isa.tiles_per_pass
+    """The C source: pass functions for every (rows, tiles) pair and a driver that splits tiles over threads, for
+    fp32 weights (``few_rows_matmul_f32``) and bf16 weights (``few_rows_matmul_bf16``)."""
     lines = ["#include <immintrin.h>", "#include <stdint.h>",
              f"/* out[M, N] = x[M, K] @ W, W packed [N/16, K, 16]; {isa.name} (kernels/cpu_matmul.py generates this "
              f"file). */"]
+    for weights in WEIGHT_C_TYPES:
+        lines += _driver(isa, weights)
+    return "\n".join(lines) + "\n"
+
+
+def _driver(isa: Isa, weights: str) -> list[str]:
+    R, step_of = isa.max_rows, isa.tiles_per_pass
+    lines = []
     for rows in range(1, R + 1):
-        lines += _pass_function(isa, rows, 1)
+        lines += _pass_function(isa, rows, 1, weights)
         if step_of.get(rows, 1) > 1:
-            lines += _pass_function(isa, rows, step_of[rows])
-    table = ", ".join(f"pass_{r}x1" for r in range(1, R + 1))
-    wide = ", ".join(f"pass_{r}x{step_of[r]}" if step_of.get(r, 1) > 1 else "0" for r in range(1, R + 1))
+            lines += _pass_function(isa, rows, step_of[rows], weights)
+    table = ", ".join(f"pass_{weights}_{r}x1" for r in range(1, R + 1))
+    wide = ", ".join(f"pass_{weights}_{r}x{step_of[r]}" if step_of.get(r, 1) > 1 else "0" for r in range(1, R + 1))
     step = ", ".join(str(step_of.get(r, 1)) for r in range(1, R + 1))
-    lines += [
-        "typedef void (*pass_fn)(const float *, int64_t, const float *, float *, int64_t);",
-        f"static const pass_fn NARROW[{R + 1}] = {{0, {table}}};",
-        f"static const pass_fn WIDE[{R + 1}] = {{0, {wide}}};",
-        f"static const int64_t STEP[{R + 1}] = {{0, {step}}};",
-        "void few_rows_matmul(const float *x, int64_t M, int64_t K, const float *w, float *out, int64_t N,",
-        "                     int threads) {",
+    w_type = WEIGHT_C_TYPES[weights]
+    return lines + [
+        f"typedef void (*pass_{weights}_fn)(const float *, int64_t, const {w_type} *, float *, int64_t);",
+        f"static const pass_{weights}_fn NARROW_{weights}[{R + 1}] = {{0, {table}}};",
+        f"static const pass_{weights}_fn WIDE_{weights}[{R + 1}] = {{0, {wide}}};",
+        f"static const int64_t STEP_{weights}[{R + 1}] = {{0, {step}}};",
+        f"void few_rows_matmul_{weights}(const float *x, int64_t M, int64_t K, const {w_type} *w, float *out, "
+        "int64_t N, int threads) {",
         f"    int64_t tiles = N / {TILE};",
         "    #pragma omp parallel for num_threads(threads) schedule(static)",
         "    for (int64_t g = 0; g < tiles; g++) {",
         f"        for (int64_t m0 = 0; m0 < M; m0 += {R}) {{",
-        f"            int64_t r = M - m0 < {R} ? M - m0 : {R}, s = STEP[r];",
+        f"            int64_t r = M - m0 < {R} ? M - m0 : {R}, s = STEP_{weights}[r];",
         "            /* several tiles per pass only from the start of an aligned group that lies wholly inside */",
         "            if (s > 1 && g % s != 0) continue;",
         "            if (s > 1 && g + s <= tiles) {",
-        f"                WIDE[r](x + m0 * K, K, w + g * K * {TILE}, out + m0 * N + g * {TILE}, N);",
+        f"                WIDE_{weights}[r](x + m0 * K, K, w + g * K * {TILE}, out + m0 * N + g * {TILE}, N);",
         "            } else {",
         "                for (int64_t t = g; t < (s > 1 ? tiles : g + 1); t++)",
-        f"                    NARROW[r](x + m0 * K, K, w + t * K * {TILE}, out + m0 * N + t * {TILE}, N);",
+        f"                    NARROW_{weights}[r](x + m0 * K, K, w + t * K * {TILE}, out + m0 * N + t * {TILE}, N);",
         "            }",
         "        }",
         "    }",
         "}",
     ]
-    return "\n".join(lines) + "\n"
 
 
 _WHY_NOT: str | None = None
@@ -284,9 +325,11 @@ def _build(isa: Isa) -> ctypes.CDLL:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
             os.replace(so_file, target)   # atomic: a concurrent build never loads half a file
     lib = ctypes.CDLL(str(target))
-    lib.few_rows_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    lib.few_rows_matmul.restype = None
+    for weights in WEIGHT_C_TYPES:
+        fn = getattr(lib, f"few_rows_matmul_{weights}")
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int]
+        fn.restype = None
     return lib
 
 

@@ -38,13 +38,39 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        probs = probs.masked_fill(top_p_drop(probs, params.top_p), 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+# A CPU looks for the top-p prefix among this many most probable tokens first, then among more. Sampled rows of the
+# default model at temperature 0.8, top-p 0.95 (MT-bench): the prefix held 7 tokens at the median, at most 64 in 82%
+# of rows, at most 1024 in all.
+TOP_P_CANDIDATES = (64, 1024)
+
+
+def top_p_drop_reference(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Where top-p drops a token: outside the smallest most-probable prefix whose mass reaches top_p (the first
+    token always stays)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    return drop_sorted.scatter(-1, order, drop_sorted)
+
+
+def top_p_drop(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``top_p_drop_reference``, without sorting the vocabulary where it can: on a CPU a 49k-word sort costs ~2.5 ms
+    per row, ~7% of a decode step per sampled row. When the top k tokens (``topk``, sorted) reach top_p, every token
+    after them is dropped and their own running sums are the sort's first ones. Otherwise (a row flatter than every
+    candidate count), and off the CPU (where sorting is cheap and the check would sync with the host), it sorts."""
+    if probs.device.type == "cpu":
+        for k in TOP_P_CANDIDATES:
+            if k >= probs.shape[-1]:
+                break
+            top, order = probs.topk(k, dim=-1)
+            mass = top.cumsum(dim=-1)
+            if bool((mass[..., -1] >= top_p).all()):
+                return torch.ones_like(probs, dtype=torch.bool).scatter(-1, order, (mass - top) >= top_p)
+    return top_p_drop_reference(probs, top_p)
 
 
 def sample(probs: torch.Tensor, race_noise: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from flexdraft.generate import generate_ar
-from flexdraft.sampling import SamplingParams, probabilities
+from flexdraft.sampling import TOP_P_CANDIDATES, SamplingParams, probabilities, top_p_drop, top_p_drop_reference
 from helpers import random_prompts, tiny_target
 
 
@@ -46,6 +46,30 @@ def test_probabilities_match_transformers_warpers():
     ref = TopKLogitsWarper(12)(None, ref)
     ref = TopPLogitsWarper(0.8)(None, ref)
     torch.testing.assert_close(probabilities(logits, params), torch.softmax(ref, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [97, 5003])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 0.999])
+def test_top_p_from_the_candidates_equals_the_full_sort(vocab, scale, top_p):
+    """Peaked rows find their prefix among the top candidates, flat ones fall back to the sort; rows of both kinds
+    share a call ([2, 3, V]); the drop mask is the full sort's, element for element."""
+    gen = torch.Generator().manual_seed(vocab + int(scale * 10) + int(top_p * 1000))
+    logits = torch.randn(2, 3, vocab, generator=gen) * scale
+    logits[0, 1] *= 8   # one very peaked row beside the others
+    probs = torch.softmax(logits, dim=-1)
+    drop = top_p_drop(probs, top_p)
+    assert torch.equal(drop, top_p_drop_reference(probs, top_p))
+    assert not drop.all(dim=-1).any()   # the most probable token always stays
+
+
+def test_top_p_takes_the_candidates_path_when_their_mass_suffices(monkeypatch):
+    """The fast path is taken (a patched reference would fail the call) and still equals the sort."""
+    probs = torch.softmax(torch.randn(4, 3000, generator=torch.Generator().manual_seed(5)) * 10, dim=-1)
+    assert bool((probs.topk(TOP_P_CANDIDATES[0], dim=-1).values.sum(-1) >= 0.9).all())
+    expected = top_p_drop_reference(probs, 0.9)
+    monkeypatch.setattr("flexdraft.sampling.top_p_drop_reference", lambda *a: pytest.fail("sorted the vocabulary"))
+    assert torch.equal(top_p_drop(probs, 0.9), expected)
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])

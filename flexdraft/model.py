@@ -190,13 +190,13 @@ class Transformer(nn.Module):
         # What every layer of the step shares is built once here: RoPE tables, attention limits, the visibility.
         cos, sin = self.rope(positions) if num_clean else (None, None)
         clean_step = step_arguments(positions, num_clean) if num_clean else None
-        if masks is not None:
-            cos_m, sin_m = self.rope(masks.positions)
-            limits = masks.anchors
+        if masks is not None:   # the tuned layers' queries: the clean tokens, then the masks
+            cos_tuned, sin_tuned = self.rope(masks.positions)
+            tuned_limits = masks.anchors
             if num_clean:
-                cos_m, sin_m = torch.cat([cos, cos_m], dim=1), torch.cat([sin, sin_m], dim=1)
-                limits = torch.cat([positions, limits], dim=1)
-            mask_step = step_arguments(limits, num_clean, masks.group_size)
+                cos_tuned, sin_tuned = torch.cat([cos, cos_tuned], dim=1), torch.cat([sin, sin_tuned], dim=1)
+                tuned_limits = torch.cat([positions, tuned_limits], dim=1)
+            tuned_step = step_arguments(tuned_limits, num_clean, masks.group_size)
         for index in range(first, len(self.layers) if stop_layer is None else stop_layer):
             layer = self.layers[index]
             if masks is not None and index == drafter.split_layer:
@@ -210,9 +210,9 @@ class Transformer(nn.Module):
                 heads = draft_attn.heads(x[:, num_clean:])
                 if num_clean:
                     heads = torch.cat([layer.attn.heads(x[:, :num_clean]), heads], dim=1)
-                q, k, v = layer.attn.split_rotated(heads, cos_m, sin_m)
+                q, k, v = layer.attn.split_rotated(heads, cos_tuned, sin_tuned)
                 k, k_mask, v, v_mask = k[:, :num_clean], k[:, num_clean:], v[:, :num_clean], v[:, num_clean:]
-                step = mask_step
+                step = tuned_step
             else:
                 q, k, v = layer.attn.split_rotated(layer.attn.heads(x), cos, sin)
                 k_mask = v_mask = None

@@ -146,9 +146,9 @@ def test_default_model_logits_match_transformers():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [1, 2, 17, 128, 129, 300, 8193])
 def test_linear_equals_the_plain_product_on_every_path(rows, threads, dtype, tol):
-    """``linear`` in both weight layouts: the packed kernel (fp32, up to 128 rows in the AVX2 variant and 8192 in
-    the AVX-512 one, columns a multiple of 16) and the plain product (bf16, more rows, 37 columns) both equal
-    x @ w (+ b)."""
+    """``linear`` in both weight layouts: the packed kernel (fp32 up to 128 rows in the AVX2 variant and 8192 in
+    the AVX-512 one, bf16 up to ``BF16_MAX_ROWS``; columns a multiple of 16) and the plain product (more rows,
+    37 columns) both equal x @ w (+ b)."""
     from flexdraft.model import linear
 
     torch.manual_seed(rows * threads)

@@ -159,6 +159,9 @@ def command_generate(args) -> int:
     if drafter is None and args.mode != "ar":
         drafter = "default"
     fd = FlexDraft.load(args.model, args.dtype, drafter, args.block_size, args.device)
+    if args.mode != "ar" and args.dtype == "bfloat16" and fd.model.device.type == "cpu":
+        print("flexdraft: note: bf16 on a CPU is not batch invariant, so speculative output may differ from bf16 ar; "
+              "use --dtype float32 for lossless decoding", file=sys.stderr)
     result = fd.generate(prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          raw=args.raw, verify_threshold=args.verify_threshold,

@@ -109,6 +109,15 @@ def test_no_lookup_drafts_with_the_drafter_alone_and_changes_no_token(capsys):
 
 
 @pytest.mark.real_model
+def test_bf16_speculative_on_a_cpu_says_it_is_not_lossless(capsys):
+    """One stderr line for bf16 speculative decoding on a CPU, none for fp32 (the lossless default)."""
+    for dtype, warned in (("bfloat16", True), ("float32", False)):
+        assert main(["generate", "--prompt", "Name a color.", "--mode", "parallel", "--max-new-tokens", "4",
+                     "--dtype", dtype, "--device", "cpu", "--json"]) == 0
+        assert ("not batch invariant" in capsys.readouterr().err) == warned
+
+
+@pytest.mark.real_model
 def test_too_long_prompt_and_missing_drafter_are_clear(capsys):
     assert main(["generate", "--prompt", "word " * 9000, "--max-new-tokens", "4"]) != 0
     assert "exceeds the model's context" in capsys.readouterr().err

@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="reports/drafter/acceptance", help="output path stem (.json and .md)")
     ev.add_argument("--training-state", default=None,
                     help="a run's state/state.json: adds its configuration and held-out acceptance curve")
+    ev.add_argument("--quick", action="store_true",
+                    help="ar and parallel only (to compare drafters in about a third of the time)")
     add_device_arg(ev)
 
     tune = sub.add_parser("autotune", help="sweep kernel configurations on this GPU into autotune/configs/<device>.json")
@@ -228,7 +230,7 @@ def command_evaluate(args) -> int:
     from flexdraft.evaluate import run
 
     run(args.drafter, Path(args.out), args.mtbench, args.humaneval, args.max_new_tokens, args.model,
-        Path(args.training_state) if args.training_state else None, args.device)
+        Path(args.training_state) if args.training_state else None, args.device, args.quick)
     return 0
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from flexdraft.errors import FlexDraftError
-from flexdraft.evaluate import CONFIGS, evaluate, markdown, position_acceptance, section_training
+from flexdraft.evaluate import CONFIGS, QUICK_CONFIGS, evaluate, markdown, position_acceptance, section_training
 
 
 def test_position_acceptance_counts_steps_that_went_past_draft_k():
@@ -28,6 +28,13 @@ def test_evaluate_runs_every_configuration_losslessly():
                            "command": "flexdraft evaluate"}}
     text = markdown(results, meta)
     assert "| parallel, no lookup, no calibration |" in text and "| accepted |" in text
+
+    quick = evaluate(fd, {"MT-bench": mtbench_prompts()[:1]}, max_new_tokens=12, log=lambda m: None,
+                     configs=QUICK_CONFIGS)["MT-bench"]
+    assert set(quick) == {"ar", "parallel"}
+    for key in ("mean_accepted", "new_tokens", "accept_histogram", "outputs_differing_from_ar"):
+        assert quick["parallel"][key] == rows["parallel"][key]   # the same figures as in the whole run
+    assert "| parallel, no lookup |" not in markdown({"MT-bench": quick}, meta)
 
 
 def test_training_section_plots_the_held_out_curve(tmp_path):

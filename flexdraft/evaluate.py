@@ -2,7 +2,7 @@
 
 Greedy, batch 1. Configurations run interleaved prompt by prompt (ar, sequential, parallel; parallel with the drafter
 alone, without prompt lookup, and that without calibration), so a noisy shared machine slows them alike; each output
-is checked against ``ar`` token for token.
+is checked against ``ar`` token for token. ``--quick`` runs ``ar`` and ``parallel`` alone.
 Writes ``<out>.json`` (every figure, with provenance) and ``<out>.md``.
 """
 from __future__ import annotations

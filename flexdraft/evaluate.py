@@ -81,6 +81,13 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def training_hours(history: list[dict], pause_s: float = 600.0) -> float:
+    """Wall time between recorded steps, leaving out gaps over ``pause_s`` (a run stopped and resumed later, often
+    in another session): no step or evaluation takes that long."""
+    times = [h["time"] for h in history]
+    return sum(b - a for a, b in zip(times, times[1:]) if b - a <= pause_s) / 3600
+
+
 def section_training(state_path: Path, out: Path) -> list[str]:
     """The run behind the drafter: its configuration, corpus and held-out acceptance curve (from ``state.json``)."""
     from experiments.plots import training_curve
@@ -92,9 +99,9 @@ def section_training(state_path: Path, out: Path) -> list[str]:
         raise FlexDraftError(f"cannot read the training state {state_path}: {exc}") from None
     plot = training_curve(history, out.parent / f"{out.name}-training.png")
     evals = [h for h in history if "tau" in h]
-    hours = (history[-1]["time"] - history[0]["time"]) / 3600 if len(history) > 1 else 0.0
+    hours = training_hours(history)
     lines = ["## Training run", "",
-             f"{state['step']} steps in this run ({hours:.1f} h of wall time), "
+             f"{state['step']} steps in this run ({hours:.1f} h of training), "
              f"{config['sequences_per_step']} sequences x {config['blocks_per_sequence']} blocks per step, "
              f"lr {config['lr']}, position decay {config['position_decay']}, KL weight {config.get('kl_weight', 0.0)}, "
              f"{'the target' if config.get('target_labels') else 'the corpus'}'s tokens as labels, "

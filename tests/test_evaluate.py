@@ -38,9 +38,11 @@ def test_evaluate_runs_every_configuration_losslessly():
 
 
 def test_training_section_plots_the_held_out_curve(tmp_path):
-    history = [{"step": s, "loss": 5.0 - s / 100, "time": 1000.0 + 3 * s} for s in range(1, 101)]
+    history = [{"step": s, "loss": 5.0 - s / 100, "time": 1000.0 + 30 * s} for s in range(1, 101)]
     history[49].update(tau=1.2, tau_raw=1.1)
     history[99].update(tau=1.3, tau_raw=1.15, tau_walk=1.22, tau_train=1.41)   # older runs recorded neither
+    for record in history[60:]:
+        record["time"] += 86_400.0              # stopped after step 60 and resumed a day later
     state = {"step": 100, "history": history, "drafter_config": {"num_tuned_layers": 8, "block_size": 16,
                                                                  "calibration_rank": 256},
              "config": {"sequences_per_step": 4, "blocks_per_sequence": 16, "lr": 5e-4, "position_decay": 7.0,
@@ -48,6 +50,7 @@ def test_training_section_plots_the_held_out_curve(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps(state))
     lines = section_training(tmp_path / "state.json", tmp_path / "acceptance")
     assert (tmp_path / "acceptance-training.png").stat().st_size > 1000
+    assert "100 steps in this run (0.8 h of training)" in lines[2]      # 98 steps of 30 s; the pause left out
     assert "| 100 | 1.300 | 1.150 | 1.220 | 1.410 | 4.000 |" in lines and "| 50 | 1.200 | 1.100 | - | - | 4.500 |" in lines
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(FlexDraftError, match="cannot read the training state"):

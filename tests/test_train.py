@@ -483,6 +483,10 @@ def test_walked_acceptance_is_what_the_engine_measures(toy, tmp_path, monkeypatc
     assert walked < acceptance(model, drafter, corpus, calibrate=False)
     # Tree bound: more drafts per slot accept at least as far; every draft in the tree hits every in-range label, so
     # each step gains a whole block until the answer's last token: 24 tokens after the bonus in ceil(24 / 5) steps.
-    assert walked_acceptance(model, drafter, corpus, calibrate=False, top_k=2) > walked
+    wider = walked_acceptance(model, drafter, corpus, calibrate=False, top_k=2)
+    assert wider > walked
+    trimmed = walked_acceptance(model, drafter, corpus, calibrate=False, top_k=(2, 1, 1, 1))   # wide at draft 1 only
+    assert walked < trimmed <= wider
+    assert walked_acceptance(model, drafter, corpus, calibrate=False, top_k=(1, 1, 1, 1)) == walked
     everything = drafter.config.draft_vocab_size or model.config.vocab_size
     assert walked_acceptance(model, drafter, corpus, calibrate=False, top_k=everything) == pytest.approx(24 / 5)

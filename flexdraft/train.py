@@ -274,7 +274,8 @@ def leading_hits(model, drafter, rows, anchors_of, calibrate=True, states: Split
     raw, calibrated, labels, label_pos = block_logits(model, drafter, cache, tokens, anchors, calibrate)
     logits = calibrated if calibrate else raw
     widths = torch.as_tensor(top_k, device=logits.device).expand(labels.shape[-1])        # k per draft slot
-    drafted = logits.topk(int(widths.max()), dim=-1).indices if widths.max() > 1 else logits.argmax(-1, keepdim=True)
+    widest = int(widths.max())
+    drafted = logits.topk(widest, dim=-1).indices if widest > 1 else logits.argmax(-1, keepdim=True)
     within = torch.arange(drafted.shape[-1], device=logits.device) < widths[:, None]     # [slots, k]
     hits = ((drafted == labels[..., None]) & within).any(-1) & (label_pos < (lengths - spare)[:, None, None])
     return hits.long().cumprod(-1).sum(-1), lengths, starts

@@ -42,7 +42,8 @@ SPECULATION_MARGIN = 1.2
 def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                        batch_size: int = 8, source: str = "") -> dict:
     """Greedy decoding that verifies every draft (drafted as the engine drafts by default: prompt-lookup copies where
-    the text repeats, confidence 1); one row per sequence and step with all B_s - 1 drafts verified."""
+    the text repeats, confidence 1, here no longer than the drafter's B_s - 1 drafts); one row per sequence and step
+    with all B_s - 1 drafts verified."""
     from flexdraft.sampling import SamplingParams
     from flexdraft.speculative import SpecConfig, generate_speculative
 
@@ -51,7 +52,8 @@ def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_toke
         chunk = prompt_ids[first: first + batch_size]
         # Sequential and parallel steps draft the same tokens; sequential is the cheaper way to verify all of them.
         generate_speculative(model, drafter, chunk, max_new_tokens, SamplingParams(), [stop_ids] * len(chunk),
-                             torch.arange(len(chunk)), "sequential", SpecConfig(verify_threshold=0.0), trace=trace)
+                             torch.arange(len(chunk)), "sequential", SpecConfig(verify_threshold=0.0, lookup_len=0),
+                             trace=trace)
     full = drafter.block_size - 1
     accepted, confidence = [], []
     for step in trace:

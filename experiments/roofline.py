@@ -7,7 +7,8 @@ Ops (``tokens`` is query tokens per sequence, the clean tokens of a step: the ve
   head             the calibrated draft head over B_s - 1 slots per sequence
   prefill          ``tokens`` prompt tokens through all layers, lm_head on the last
   step_ar          the engine's ar step (flex's fallback): one token through the target, chosen
-  step_sequential  the engine's sequential step: verify pass, greedy verification, draft pass, draft head
+  step_sequential  the engine's sequential step: verify pass, greedy verification; then the draft pass and draft
+                   head that open the next step (skipped there only where every row copies its drafts)
   step_parallel    the engine's parallel step: ``tokens`` clean tokens beside ``tokens`` mask groups of B_s masks
                    in the tuned layers, greedy verification, draft head
   loop             the decode loop's bookkeeping per step (outputs, stops, verify lengths, histogram)
@@ -29,7 +30,7 @@ import torch
 from flexdraft.batch import Batch
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams
-from flexdraft.speculative import Drafts, SpecConfig, mask_block, next_drafts, verify_len
+from flexdraft.speculative import Drafts, SpecConfig, draft_pass, mask_block, next_drafts, verify_len
 
 OPS = ("target", "draft", "head", "prefill", "step_ar", "step_sequential", "step_parallel", "loop")
 STEP_OPS = {"ar": "step_ar", "sequential": "step_sequential", "parallel": "step_parallel"}
@@ -234,8 +235,11 @@ def op_call(op: str, model, drafter, cache, batch: int, tokens: int, context: in
         step = STEPS[op.removeprefix("step_")]
 
         def call():
-            return step(model, drafter, cache, ids[:, 0], drafts, num_drafts, greedy, spec, streams,
-                        Stats(accept_histogram=[0] * (block + 1)))
+            stats = Stats(accept_histogram=[0] * (block + 1))
+            out = step(model, drafter, cache, ids[:, 0], drafts, num_drafts, greedy, spec, streams, stats)
+            if op == "step_sequential":
+                return draft_pass(model, drafter, cache, out[2], greedy, spec, streams, stats)
+            return out
     elif op == "loop":
         out = torch.randint(0, vocab, (batch, tokens), generator=g).to(device)
         gained = torch.randint(1, tokens + 1, (batch,), generator=g).to(device)

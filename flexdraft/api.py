@@ -13,6 +13,7 @@ import torch
 
 from flexdraft.batch import Stats
 from flexdraft.errors import FlexDraftError
+from flexdraft.lookup import COPY_LEN
 from flexdraft.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -149,7 +150,7 @@ class FlexDraft:
                  mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 1, raw: bool = False,
                  verify_threshold: float = 0.01, verify_strategy: str = "cumulative_product",
-                 calibration: bool = True, lookup: bool = True) -> GenerationResult:
+                 calibration: bool = True, lookup: bool = True, lookup_len: int = COPY_LEN) -> GenerationResult:
         from flexdraft.generate import generate_ar
         from flexdraft.speculative import SpecConfig, generate_speculative
 
@@ -161,7 +162,7 @@ class FlexDraft:
             raise FlexDraftError(f"--batch-size must be at least 1, got {batch_size}")
         try:
             params = SamplingParams(temperature, top_k, top_p)
-            spec = SpecConfig(verify_threshold, verify_strategy, calibration, lookup)
+            spec = SpecConfig(verify_threshold, verify_strategy, calibration, lookup, lookup_len)
         except ValueError as exc:
             raise FlexDraftError(str(exc)) from None
         if mode != "ar" and self.drafter is None:

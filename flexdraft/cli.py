@@ -11,6 +11,7 @@ from experiments.cli import add_device_arg
 from experiments.cli import add_parsers as add_experiment_parsers
 from flexdraft.data import ORDERS
 from flexdraft.errors import FlexDraftError
+from flexdraft.lookup import COPY_LEN
 from kernels import backend
 
 
@@ -58,6 +59,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--no-lookup", action="store_true",
                    help="draft with the drafter alone, never copying where the text repeats itself (prompt lookup)")
+    p.add_argument("--lookup-len", type=int, default=COPY_LEN,
+                   help=f"tokens a prompt-lookup copy drafts (default {COPY_LEN}; at least the drafter's block size - 1)")
     add_device_arg(p)
 
 
@@ -168,7 +171,7 @@ def command_generate(args) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          raw=args.raw, verify_threshold=args.verify_threshold,
                          verify_strategy=args.verify_strategy, calibration=not args.no_calibration,
-                         lookup=not args.no_lookup)
+                         lookup=not args.no_lookup, lookup_len=args.lookup_len)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0

@@ -15,6 +15,7 @@ import torch
 
 NGRAM_MAX = 4   # the longest suffix matched; longer ones found no more copies on the traces above
 NGRAM_MIN = 2   # a single repeated token is too weak a signal: it lost to the drafter's drafts there
+COPY_LEN = 10   # tokens a copy drafts by default: a repeated run is often longer than the drafter's block (session 19)
 
 
 def lookup_reference(history: list[int], num: int, ngram_max: int = NGRAM_MAX,

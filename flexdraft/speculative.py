@@ -3,13 +3,16 @@
 State between steps, per active sequence (all batched, no loops over rows):
   cache.lengths  tokens already in the KV cache; the bonus token stands at that position, not yet run
   bonus          the last resolved token
-  drafts         [B, Bs-1] drafts for the positions after the bonus, with confidence and (sampling) their q
+  drafts         [B, W] drafts for the positions after the bonus (W = Bs-1, more where prompt-lookup copies are
+                 longer), with confidence and (sampling) their q; None after a sequential or ``ar`` step
 
 Read ``generate_speculative`` top to bottom: prefill drafts a first block, then each step verifies ``verify_len``
-drafts and obtains the next drafts, in one pass (parallel) or two (sequential). Where a row's text repeats itself,
-its drafts are copied from what followed the last time instead (prompt lookup, ``flexdraft/lookup.py``). Flex chooses
-the step per batch size (``experiments/crossover.py``); where speculation does not pay it may run a plain ``ar``
-step, which leaves no drafts, and the next speculative step first runs the sequential draft pass.
+drafts. A parallel step drafts the next block in the same pass; a sequential step verifies alone and the next step
+opens with the draft pass. Where a row's text repeats itself, its drafts are copied from what followed the last time
+instead (prompt lookup, ``flexdraft/lookup.py``, up to ``SpecConfig.lookup_len`` tokens); where every row copies,
+the step needs no drafter at all, and a parallel step verifies alone too. Flex chooses the step per batch size
+(``experiments/crossover.py``); where speculation does not pay it may run a plain ``ar`` step, which leaves no
+drafts either.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from flexdraft.batch import Batch, Stats
 from flexdraft.drafter import Drafter
 from flexdraft.generate import choose_tokens, decode_one_token, prefill
-from flexdraft.lookup import PromptLookup
+from flexdraft.lookup import COPY_LEN, PromptLookup
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, probabilities
@@ -41,8 +44,14 @@ class SpecConfig:
     verify_strategy: str = "cumulative_product"
     calibration: bool = True
     lookup: bool = True            # copy drafts where a row's text repeats itself (flexdraft/lookup.py)
+    # Tokens a copy drafts (never fewer than the drafter's Bs-1), up to a batch of ``long_copy_batch`` rows. In a
+    # larger batch copies draft Bs-1: one row's long copy widens every row's step (slower at batch 4 and 8 on a CPU).
+    lookup_len: int = COPY_LEN
+    long_copy_batch: int = 1
 
     def __post_init__(self):
+        if self.lookup_len < 0:
+            raise ValueError(f"--lookup-len must be at least 0, got {self.lookup_len}")
         if self.verify_strategy not in VERIFY_STRATEGIES:
             raise ValueError(f"--verify-strategy must be one of {', '.join(VERIFY_STRATEGIES)}")
         if not 0 <= self.verify_threshold <= 1:
@@ -51,22 +60,39 @@ class SpecConfig:
 
 @dataclass
 class Drafts:
-    tokens: torch.Tensor           # [B, Bs-1]
-    confidence: torch.Tensor       # [B, Bs-1] max draft probability per slot
-    probs: torch.Tensor | None     # [B, Bs-1, V] q, only when sampling
+    tokens: torch.Tensor           # [B, W], W = Bs-1 from the drafter, more where prompt-lookup copies are longer
+    confidence: torch.Tensor       # [B, W] max draft probability per slot; 0 where a slot holds no draft
+    probs: torch.Tensor | None     # [B, W, V] q, only when sampling
 
     def keep(self, rows):
         return Drafts(self.tokens[rows], self.confidence[rows], None if self.probs is None else self.probs[rows])
 
+    def widened(self, width: int) -> "Drafts":
+        """These drafts padded to ``width`` slots with empty ones (confidence 0: never verified)."""
+        pad = width - self.tokens.shape[1]
+        if pad <= 0:
+            return self
+        return Drafts(F.pad(self.tokens, (0, pad)), F.pad(self.confidence, (0, pad)),
+                      None if self.probs is None else F.pad(self.probs, (0, 0, 0, pad)))
+
+    @staticmethod
+    def copied(tokens: torch.Tensor, vocab_size: int | None) -> "Drafts":
+        """Certain proposals ``tokens`` [B, W]: confidence 1 and (with ``vocab_size``, when sampling) q one-hot."""
+        probs = None if vocab_size is None else F.one_hot(tokens.clamp(min=0), vocab_size).float()
+        return Drafts(tokens, torch.ones(tokens.shape, device=tokens.device), probs)
+
     def replaced(self, rows: torch.Tensor, tokens: torch.Tensor) -> "Drafts":
-        """These drafts with ``tokens`` instead where ``rows`` [B] is set: certain proposals, confidence 1 and (when
-        sampling) q one-hot on them."""
+        """These drafts with copies ``tokens`` [B, W'] (``copied``) instead where ``rows`` [B] is set. A longer copy
+        widens every row; the others' extra slots stay empty."""
         if not bool(rows.any()):
             return self
+        width = max(self.tokens.shape[1], tokens.shape[1])
+        mine = self.widened(width)
+        copies = Drafts.copied(tokens, None if self.probs is None else self.probs.shape[-1]).widened(width)
         where = rows[:, None]
-        probs = None if self.probs is None else self.probs.index_put(
-            (rows,), F.one_hot(tokens[rows], self.probs.shape[-1]).to(self.probs.dtype))
-        return Drafts(torch.where(where, tokens, self.tokens), torch.where(where, 1.0, self.confidence), probs)
+        probs = None if mine.probs is None else torch.where(where[..., None], copies.probs, mine.probs)
+        return Drafts(torch.where(where, copies.tokens, mine.tokens),
+                      torch.where(where, copies.confidence, mine.confidence), probs)
 
 
 @contextmanager
@@ -81,7 +107,8 @@ def timed(stats: Stats, key: str):
 
 
 def verify_len(confidence: torch.Tensor, spec: SpecConfig, threshold: float | None = None) -> torch.Tensor:
-    """How many leading drafts to verify, from their confidence; clamped to [1, Bs-1].
+    """How many leading drafts to verify, from their confidence; clamped to [1, W]. An empty slot (confidence 0)
+    ends the drafts whatever the threshold.
 
     ``threshold`` (flex: the one the harness chose for this batch size) overrides ``spec.verify_threshold``."""
     threshold = spec.verify_threshold if threshold is None else threshold
@@ -89,6 +116,7 @@ def verify_len(confidence: torch.Tensor, spec: SpecConfig, threshold: float | No
         passing = confidence.cumprod(dim=1) >= threshold
     else:
         passing = confidence >= threshold
+    passing &= confidence > 0
     leading = passing.to(torch.int64).cumprod(dim=1).sum(dim=1)
     return leading.clamp(1, confidence.shape[1])
 
@@ -191,7 +219,8 @@ def draft_pass(model, drafter, cache, bonus, params, spec, streams, stats) -> Dr
 
 @torch.no_grad()
 def sequential_step(model, drafter, cache, bonus, drafts, num_drafts, params, spec, streams, stats):
-    """A verify pass through the whole target, then a draft pass through the tuned layers only."""
+    """A verify pass through the whole target. The draft pass through the tuned layers only follows at the start of
+    the next step, and only if some row needs it: rows that finish or copy their next drafts draft nothing."""
     tokens, positions = clean_step_tokens(cache, bonus, drafts, num_drafts)
     with timed(stats, "target_forward"):
         clean_hidden, _ = model(tokens, positions, cache)
@@ -199,8 +228,7 @@ def sequential_step(model, drafter, cache, bonus, drafts, num_drafts, params, sp
     with timed(stats, "verify"):
         out, accept_len, cache.lengths = verify(logits, drafts, num_drafts, cache.lengths, params, streams)
         new_bonus = out.gather(1, accept_len[:, None]).squeeze(1)
-    new_drafts = draft_pass(model, drafter, cache, new_bonus, params, spec, streams, stats)
-    return out, accept_len, new_bonus, new_drafts
+    return out, accept_len, new_bonus, None
 
 
 @torch.no_grad()
@@ -234,11 +262,12 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     choose_mode = mode if callable(mode) else (lambda _batch_size: mode)
     device = model.device
     block = drafter.block_size
+    most_drafts = max(block - 1, spec.lookup_len if spec.lookup else 0)   # per row and step
     batch = Batch(len(prompts), max_new_tokens, stop_ids, device)
     streams = Streams(seeds.to(device))
-    stats = Stats(accept_histogram=[0] * (block + 1))
+    stats = Stats(accept_histogram=[0] * (most_drafts + 2))
     start = time.perf_counter()
-    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + block + 1)
+    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + most_drafts + block + 1)
     lookup = PromptLookup(prompts, device) if spec.lookup else None
     # A flex policy that starts with ar steps gets no drafts until a speculative step needs them.
     first_mode, _ = step_choice(choose_mode, batch.size)
@@ -260,12 +289,20 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
         step_mode, threshold = step_choice(choose_mode, batch.size)
         num_drafts = None
         if step_mode != "ar":
-            if drafts is None:  # ar steps so far
+            copy_len = most_drafts if batch.size <= spec.long_copy_batch else block - 1
+            copies, found = lookup.propose(batch, copy_len) if lookup is not None else (None, None)
+            all_copy = found is not None and bool(found.all())
+            if drafts is None and not all_copy:  # after a sequential or ar step, some row has neither
                 drafts = draft_pass(model, drafter, cache, bonus, params, spec, streams, stats)
-            if lookup is not None:
-                copies, found = lookup.propose(batch, drafts.tokens.shape[1])
-                drafts = drafts.replaced(found, copies)
+            if found is not None:
+                drafts = (Drafts.copied(copies, None if params.greedy else model.config.vocab_size) if drafts is None
+                          else drafts.replaced(found, copies))
                 stats.lookup_drafts += int(found.sum())
+            if all_copy and step_mode == "parallel":
+                # Every row verifies a copy, so its next drafts are most likely copies again: mask groups drafting
+                # for every acceptance length would be thrown away. Verify alone; where no copy follows, the next
+                # step opens with the draft pass.
+                step_mode = "sequential"
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
         if trace is not None:
@@ -280,7 +317,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
         stats.target_forwards += 1
         stats.row_forwards += batch.size
         stats.accept_histogram = [c + int(n) for c, n in zip(
-            stats.accept_histogram, torch.bincount(gained, minlength=block + 1).tolist())]
+            stats.accept_histogram, torch.bincount(gained, minlength=most_drafts + 2).tolist())]
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = int(batch.generated.sum())
     return batch, stats

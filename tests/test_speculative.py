@@ -1,16 +1,19 @@
 """FlexDraft decoding is lossless: greedy equals autoregressive decoding in every mode and batch size, and sampling
 reproduces the target distribution exactly (checked against enumeration on a tiny model)."""
 import itertools
+import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flexdraft.api import merge_stats
+from flexdraft.batch import Stats
 from flexdraft.drafter import Drafter
 from flexdraft.generate import generate_ar
 from flexdraft.sampling import SamplingParams, probabilities
-from flexdraft.speculative import SpecConfig, generate_speculative, verify_len
+from flexdraft.speculative import Drafts, SpecConfig, generate_speculative, verify_len
 from helpers import random_prompts, tiny_target
 from kernels.verify import verify_sampling_reference
 
@@ -56,18 +59,24 @@ def some_tokens(vocab_size: int, count: int, seed: int) -> list[int]:
     return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:count].tolist()
 
 
-@pytest.mark.parametrize("lookup", [True, False], ids=["lookup", "drafter-alone"])
+# How drafts are made: copies as long as the drafter's 5 drafts; copies of the default length (10) beside them, at
+# every batch size (by default only where one row is left); the drafter alone.
+DRAFTING = {"lookup": dict(lookup=True, lookup_len=0), "long-copies": dict(lookup=True, long_copy_batch=8),
+            "drafter-alone": dict(lookup=False)}
+
+
+@pytest.mark.parametrize("drafting", DRAFTING)
 @pytest.mark.parametrize("draft_vocab", [False, True], ids=["whole-vocab", "draft-vocab"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch_size", range(1, 9))
-def test_greedy_is_identical_to_autoregressive(target, mode, batch_size, draft_vocab, lookup):
+def test_greedy_is_identical_to_autoregressive(target, mode, batch_size, draft_vocab, drafting):
     vocab = some_tokens(target.config.vocab_size, target.config.vocab_size // 3, batch_size) if draft_vocab else None
-    check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab, lookup)
+    check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab, **DRAFTING[drafting])
 
 
-def check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab=None, lookup=True):
+def check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab=None, **drafting):
     """Ragged prompts, a stop that the first sequence emits mid-way, every draft verified (threshold 0); with prompt
-    lookup, the target's loops make some drafts copies."""
+    lookup, the target's loops make some drafts copies (``drafting``: ``SpecConfig``'s lookup fields)."""
     prompts = random_prompts(target.config.vocab_size, [3 + (5 * i) % 11 for i in range(batch_size)], seed=batch_size)
     stop = stops_mid_batch(target, prompts, 18)
     stop_ids = [[stop, 96]] * batch_size
@@ -76,10 +85,10 @@ def check_greedy_is_identical_to_autoregressive(target, mode, batch_size, vocab=
     expected, _ = generate_ar(target, prompts, 18, SamplingParams(), stop_ids, torch.arange(batch_size))
     got, stats = generate_speculative(target, drafter, prompts, 18, SamplingParams(), stop_ids,
                                       torch.arange(batch_size), step_mode(mode),
-                                      SpecConfig(verify_threshold=0.0, lookup=lookup))
+                                      SpecConfig(verify_threshold=0.0, **drafting))
     assert got.results() == expected.results()
     assert expected.results()[1][0] == "stop"
-    assert lookup or stats.lookup_drafts == 0
+    assert drafting.get("lookup", True) or stats.lookup_drafts == 0
     assert stats.new_tokens == sum(len(t) for t in expected.results()[0])
 
 
@@ -123,6 +132,56 @@ def test_verify_len_follows_confidence(strategy, expected):
     assert verify_len(conf, SpecConfig(0.1, strategy)).tolist() == expected
 
 
+@pytest.mark.parametrize("strategy", ["cumulative_product", "min_confidence"])
+@pytest.mark.parametrize("threshold", [0.0, 0.1])
+def test_verify_len_never_verifies_an_empty_slot(strategy, threshold):
+    """A drafter's row beside a longer copy is padded with empty slots (confidence 0), even at threshold 0."""
+    conf = torch.tensor([[0.9, 0.8, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.95, 0.0, 0.0, 0.0]])
+    assert verify_len(conf, SpecConfig(threshold, strategy)).tolist() == [2, 4, 1]
+
+
+def test_widened_drafts_pad_empty_slots_and_replaced_rows_take_longer_copies():
+    probs = torch.rand(2, 3, 7).softmax(-1)
+    drafts = Drafts(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[0.5, 0.25, 0.125], [0.75, 0.5, 0.25]]), probs)
+    copied = drafts.replaced(torch.tensor([False, True]), torch.tensor([[0, 0, 0, 0, 0], [6, 5, 4, 3, 2]]))
+    assert copied.tokens.tolist() == [[1, 2, 3, 0, 0], [6, 5, 4, 3, 2]]
+    assert copied.confidence.tolist() == [[0.5, 0.25, 0.125, 0.0, 0.0], [1.0] * 5]
+    assert torch.equal(copied.probs[0, :3], probs[0]) and not copied.probs[0, 3:].any()
+    assert torch.equal(copied.probs[1], torch.nn.functional.one_hot(torch.tensor([6, 5, 4, 3, 2]), 7).float())
+    assert drafts.widened(2) is drafts and drafts.replaced(torch.tensor([False, False]), copied.tokens) is drafts
+
+
+def test_long_copies_gain_more_than_a_block_per_step_on_repetitive_output():
+    """The tiny random target falls into loops: at batch 1, copies of up to 12 tokens accept runs the drafter's block
+    of 3 drafts cannot, and the output stays the target's own. In a batch of 2, copies stay within the block."""
+    model = tiny_target("qwen3", seed=5)[0]
+    prompts = random_prompts(model.config.vocab_size, [3 + (5 * i) % 11 for i in range(6)], seed=8)
+    expected, _ = generate_ar(model, prompts, 40, SamplingParams(), [[-1]] * 6, torch.arange(6))
+    drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=1)
+
+    def run(mode, lookup_len, batch_size):
+        total, trace = Stats(), []
+        for first in range(0, len(prompts), batch_size):
+            rows = range(first, first + batch_size)
+            got, stats = generate_speculative(model, drafter, prompts[first: first + batch_size], 40, SamplingParams(),
+                                              [[-1]] * batch_size, torch.arange(batch_size), mode,
+                                              SpecConfig(0.0, lookup_len=lookup_len), trace=trace)
+            assert got.results()[0] == [expected.results()[0][i] for i in rows]
+            merge_stats(total, stats)
+        return total, trace
+
+    accepted = {}
+    for mode, lookup_len in itertools.product(("parallel", "sequential"), (0, 12)):
+        stats, _ = run(mode, lookup_len, 1)
+        assert len(stats.accept_histogram) == max(4, lookup_len + 1) + 1
+        assert (sum(stats.accept_histogram[5:]) > 0) == (lookup_len > 0)   # steps that gained more than 4 tokens
+        accepted[mode, lookup_len] = stats.mean_accepted
+        _, trace = run(mode, lookup_len, 2)
+        verified = [int(step["num_drafts"].max()) for step in trace if len(step["num_drafts"]) == 2]
+        assert max(verified) == 3     # two rows: a copy drafts at most the drafter's 3 (one row left: up to 12)
+    assert accepted["parallel", 12] == accepted["sequential", 12] > accepted["parallel", 0] + 0.15, accepted
+
+
 # ---- sampling: the exact target distribution ------------------------------------------------------------------
 VOCAB, CONTINUATION = 6, 3
 PARAMS = SamplingParams(temperature=1.0, top_k=5, top_p=0.95)
@@ -134,27 +193,27 @@ def small_vocab():
     return model
 
 
-def exact_distribution(model, prompt, params):
-    """p(x1 x2 x3 | prompt) by enumeration of every continuation."""
+def exact_distribution(model, prompt, params, length=CONTINUATION):
+    """p(x1 .. x_length | prompt) by enumeration of every continuation."""
     from flexdraft.generate import pad_prompts
 
-    seqs = [prompt + list(c) for c in itertools.product(range(VOCAB), repeat=CONTINUATION - 1)]
-    tokens, positions, _ = pad_prompts(seqs, "cpu")
+    heads = list(itertools.product(range(VOCAB), repeat=length - 1))
+    tokens, positions, _ = pad_prompts([prompt + list(c) for c in heads], "cpu")
     with torch.no_grad():
-        probs = probabilities(model.logits(model(tokens, positions, model.new_cache(len(seqs), tokens.shape[1]))[0]),
-                              params)
+        probs = probabilities(model.logits(model(tokens, positions, model.new_cache(len(heads), tokens.shape[1]))[0]),
+                              params).double()
     n = len(prompt)
-    exact = torch.zeros((VOCAB,) * CONTINUATION, dtype=torch.float64)
-    for i, c in enumerate(itertools.product(range(VOCAB), repeat=CONTINUATION - 1)):
-        pr = probs[i, n - 1, c[0]].double() * probs[i, n, c[1]].double()
-        exact[c] = pr * probs[i, n + 1].double()
+    exact = torch.zeros((VOCAB,) * length, dtype=torch.float64)
+    for i, c in enumerate(heads):
+        pr = math.prod(probs[i, n - 1 + j, token] for j, token in enumerate(c))
+        exact[c] = pr * probs[i, n + length - 2]
     return exact.flatten()
 
 
-def empirical(batch):
+def empirical(batch, length=CONTINUATION):
     tokens, _ = batch.results()
-    idx = torch.tensor([t[0] * VOCAB ** 2 + t[1] * VOCAB + t[2] for t in tokens])
-    return torch.bincount(idx, minlength=VOCAB ** CONTINUATION).double() / len(tokens)
+    idx = torch.tensor([sum(t[j] * VOCAB ** (length - 1 - j) for j in range(length)) for t in tokens])
+    return torch.bincount(idx, minlength=VOCAB ** length).double() / len(tokens)
 
 
 def tv(a, b):
@@ -167,32 +226,40 @@ def expected_tv_bound(p, n):
 
 
 @pytest.mark.parametrize("mode", ["ar"] + MODES + ["parallel-draft-vocab", "sequential-draft-vocab", "parallel-lookup",
-                                  "sequential-lookup", "flex-lookup"])
+                                  "sequential-lookup", "flex-lookup", "parallel-long-lookup", "sequential-long-lookup"])
 def test_sampling_matches_exact_target_distribution(small_vocab, mode):
     """The "-draft-vocab" cases draft from 4 of the 6 tokens: q is zero on the other two, so only the residual
     max(p - q, 0) can produce them, and the output must still follow p exactly. In the "-lookup" cases the prompt
-    repeats itself, so drafts are copies (q one-hot) from the first step on; elsewhere the drafter drafts alone."""
-    lookup = mode.endswith("-lookup")
-    model, prompt = small_vocab, ([1, 4, 2, 1, 4] if lookup else [1, 4, 2, 3])
-    exact = exact_distribution(model, prompt, PARAMS)
+    repeats itself, so drafts are copies (q one-hot) from the first step on; elsewhere the drafter drafts alone.
+    "-long-lookup" drafts 1 token from the drafter and copies 2 (over 4 new tokens, so that a step can verify 2):
+    rows that copy and rows that do not share a step."""
+    lookup, long_copies = mode.endswith("-lookup"), mode.endswith("-long-lookup")
+    # Prompts that repeat: with [3, 4, 2, 3, 3] most first steps copy 2 tokens, and 30% accept both.
+    model, prompt = small_vocab, ([3, 4, 2, 3, 3] if long_copies else [1, 4, 2, 1, 4] if lookup else [1, 4, 2, 3])
+    length = CONTINUATION + long_copies
+    exact = exact_distribution(model, prompt, PARAMS, length)
     vocab = [0, 2, 3, 5] if mode.endswith("-draft-vocab") else None
-    mode = mode.removesuffix("-draft-vocab").removesuffix("-lookup")
-    drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=3, draft_vocab=vocab)
+    mode = mode.removesuffix("-draft-vocab").removesuffix("-long-lookup").removesuffix("-lookup")
+    drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=2 if long_copies else 4, seed=3,
+                                 draft_vocab=vocab)
     distances = []
     for n, seed0 in [(400, 0), (6400, 10_000)]:
         seeds = torch.arange(seed0, seed0 + n)
         if mode == "ar":
-            batch, _ = generate_ar(model, [prompt] * n, CONTINUATION, PARAMS, [[-1]] * n, seeds)
+            batch, _ = generate_ar(model, [prompt] * n, length, PARAMS, [[-1]] * n, seeds)
         else:
-            batch, stats = generate_speculative(model, drafter, [prompt] * n, CONTINUATION, PARAMS, [[-1]] * n,
-                                                seeds, step_mode(mode), SpecConfig(verify_threshold=0.0, lookup=lookup))
+            batch, stats = generate_speculative(model, drafter, [prompt] * n, length, PARAMS, [[-1]] * n,
+                                                seeds, step_mode(mode),
+                                                SpecConfig(verify_threshold=0.0, lookup=lookup,
+                                                           lookup_len=2 * long_copies, long_copy_batch=n))
             assert stats.mean_accepted > 1.0  # drafts were accepted, so the accept/reject paths both ran
+            assert not long_copies or stats.accept_histogram[3] > 0   # a copy of 2 accepted whole, bonus after it
             assert (stats.lookup_drafts > 0) == lookup
-        distances.append(tv(empirical(batch), exact))
+        distances.append(tv(empirical(batch, length), exact))
         assert distances[-1] < 1.5 * expected_tv_bound(exact, n), (n, distances)
     assert distances[1] < distances[0]
     # The test has power: a sampler this far off (temperature 0.6 instead of 1) lands beyond the threshold plus noise.
-    other = exact_distribution(model, prompt, SamplingParams(0.6, PARAMS.top_k, PARAMS.top_p))
+    other = exact_distribution(model, prompt, SamplingParams(0.6, PARAMS.top_k, PARAMS.top_p), length)
     assert tv(other, exact) > 2.5 * expected_tv_bound(exact, 6400)
 
 
@@ -202,9 +269,10 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
        block=st.integers(2, 7), threshold=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
        strategy=st.sampled_from(["cumulative_product", "min_confidence"]), mode=st.sampled_from(MODES),
        lengths=st.lists(st.integers(1, 10), min_size=1, max_size=6), max_new=st.integers(1, 20),
-       calibration=st.booleans(), draft_vocab=st.sampled_from([0, 1, 7, 40]), seed=st.integers(0, 1000))
+       calibration=st.booleans(), draft_vocab=st.sampled_from([0, 1, 7, 40]), lookup_len=st.sampled_from([0, 4, 9]),
+       seed=st.integers(0, 1000))
 def test_property_greedy_lossless(family, layers, tuned, block, threshold, strategy, mode, lengths, max_new,
-                                  calibration, draft_vocab, seed):
+                                  calibration, draft_vocab, lookup_len, seed):
     model, _ = tiny_target(family, seed=seed, num_hidden_layers=layers)
     vocab = some_tokens(model.config.vocab_size, draft_vocab, seed) if draft_vocab else None
     drafter = Drafter.initialise(model, num_tuned_layers=min(tuned, layers), block_size=block, seed=seed,
@@ -214,5 +282,5 @@ def test_property_greedy_lossless(family, layers, tuned, block, threshold, strat
     expected, _ = generate_ar(model, prompts, max_new, SamplingParams(), stops, torch.arange(len(prompts)))
     got, _ = generate_speculative(model, drafter, prompts, max_new, SamplingParams(), stops,
                                   torch.arange(len(prompts)), step_mode(mode),
-                                  SpecConfig(threshold, strategy, calibration))
+                                  SpecConfig(threshold, strategy, calibration, lookup_len=lookup_len))
     assert got.results() == expected.results()

@@ -60,7 +60,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-lookup", action="store_true",
                    help="draft with the drafter alone, never copying where the text repeats itself (prompt lookup)")
     p.add_argument("--lookup-len", type=int, default=COPY_LEN,
-                   help=f"tokens a prompt-lookup copy drafts (default {COPY_LEN}; at least the drafter's block size - 1)")
+                   help=f"tokens a prompt-lookup copy drafts while one sequence is decoding (default {COPY_LEN}); "
+                   "in a batch, copies draft the drafter's block size - 1, and never fewer")
     add_device_arg(p)
 
 

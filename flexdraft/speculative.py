@@ -295,7 +295,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             if drafts is None and not all_copy:  # after a sequential or ar step, some row has neither
                 drafts = draft_pass(model, drafter, cache, bonus, params, spec, streams, stats)
             if found is not None:
-                drafts = (Drafts.copied(copies, None if params.greedy else model.config.vocab_size) if drafts is None
+                drafts = (Drafts.copied(copies, None if params.greedy else model.config.vocab_size) if all_copy
                           else drafts.replaced(found, copies))
                 stats.lookup_drafts += int(found.sum())
             if all_copy and step_mode == "parallel":

@@ -88,11 +88,11 @@ class Drafts:
             return self
         width = max(self.tokens.shape[1], tokens.shape[1])
         mine = self.widened(width)
-        copies = Drafts.copied(tokens, None if self.probs is None else self.probs.shape[-1]).widened(width)
-        where = rows[:, None]
-        probs = None if mine.probs is None else torch.where(where[..., None], copies.probs, mine.probs)
-        return Drafts(torch.where(where, copies.tokens, mine.tokens),
-                      torch.where(where, copies.confidence, mine.confidence), probs)
+        # One-hot q only for the copied rows, written in place of theirs (and in their dtype).
+        copies = Drafts.copied(tokens[rows], None if self.probs is None else self.probs.shape[-1]).widened(width)
+        probs = None if mine.probs is None else mine.probs.index_put((rows,), copies.probs.to(mine.probs.dtype))
+        return Drafts(mine.tokens.index_put((rows,), copies.tokens),
+                      mine.confidence.index_put((rows,), copies.confidence.to(mine.confidence.dtype)), probs)
 
 
 @contextmanager

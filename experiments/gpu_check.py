@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HBM_BYTES_PER_S = 4.3e12    # H200 device-to-device copy, measured (docs/models-data-hardware.md)
-BF16_FLOP_PER_S = 790e12    # H200 dense bf16 matmul, measured (same page)
+# The floors' ceilings are measured at start-up (a large copy, a large bf16 GEMM: `experiments.roofline`); these H200
+# figures (docs/models-data-hardware.md) stand in for a dry run, or if the measurement fails.
+HBM_BYTES_PER_S = 4.3e12    # H200 device-to-device copy
+BF16_FLOP_PER_S = 790e12    # H200 dense bf16 matmul
 TEST_FILES = ["tests/test_kernel_block_attention.py", "tests/test_kernel_draft_head.py",
               "tests/test_kernel_verify.py", "tests/test_kernel_autotune_store.py", "tests/test_kernel_gpu_check.py",
               "tests/test_train.py", "tests/test_engine_cuda.py"]   # training and decoding on a CUDA device
@@ -79,7 +81,10 @@ class Check:
         self.device = "cpu" if dry_run else "cuda"
         self.dtype = torch.float32 if dry_run else torch.bfloat16   # the interpreter has no bf16 tl.dot
         self.budget_scale = budget_scale
-        self.report: dict = {"provenance": provenance(dry_run), "stages": {}}
+        self.hbm_bytes_per_s, self.bf16_flop_per_s, ceilings = measured_ceilings(dry_run)
+        self.report: dict = {"provenance": {**provenance(dry_run), "hbm_bytes_per_s": self.hbm_bytes_per_s,
+                                            "bf16_flop_per_s": self.bf16_flop_per_s, "ceilings": ceilings},
+                             "stages": {}}
         self.stage_start = time.perf_counter()
         self.stage_budget = 0.0
         self.warmers: list = []   # processes compiling the sweep's configs while the tests run
@@ -134,8 +139,25 @@ def provenance(dry_run: bool) -> dict:
     return {"device": "cpu (dry run, Triton interpreter)" if dry_run else torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
             "python": sys.version.split()[0], "host": platform.node(), "git_commit": store.git_commit(),
-            "command": " ".join([sys.executable, *sys.argv]), "started": now(), "dry_run": dry_run,
-            "hbm_bytes_per_s": HBM_BYTES_PER_S}
+            "command": " ".join([sys.executable, *sys.argv]), "started": now(), "dry_run": dry_run}
+
+
+def measured_ceilings(dry_run: bool) -> tuple[float, float, str]:
+    """(copy bandwidth B/s, bf16 GEMM FLOP/s, where they come from) on this GPU; the H200 constants otherwise."""
+    if dry_run:
+        return HBM_BYTES_PER_S, BF16_FLOP_PER_S, "H200 constants (dry run)"
+    try:
+        import torch
+
+        from experiments.roofline import measure_ceilings
+        c = measure_ceilings("cuda", torch.bfloat16)
+        torch.cuda.empty_cache()
+        log(f"ceilings: copy {c['bandwidth'] / 1e12:.2f} TB/s, bf16 GEMM {c['peak_flops'] / 1e12:.0f} TFLOP/s")
+        return c["bandwidth"], c["peak_flops"], (f"measured: {c['copy_bytes'] / 1e9:.1f} GB copy, "
+                                                 f"{c['gemm_n']}^3 bf16 GEMM, medians of 5")
+    except Exception as err:   # the floors are context; the checks must still run
+        log(f"ceilings: measurement failed ({type(err).__name__}: {err}); using the H200 constants")
+        return HBM_BYTES_PER_S, BF16_FLOP_PER_S, f"H200 constants (measurement failed: {type(err).__name__})"
 
 
 def _round(x, digits=2):
@@ -303,9 +325,10 @@ def bench_attention(check: Check) -> list[dict]:
             ref = block_attention_reference(**x)
             row["max_abs_err"] = _round((out.float() - ref.float()).abs().max().item(), 5)
             row["bytes"] = attention_bytes(x)
-            row["floor_us"] = _round(row["bytes"] / HBM_BYTES_PER_S * 1e6)
+            row["floor_us"] = _round(row["bytes"] / check.hbm_bytes_per_s * 1e6)
             # the roofline floor also counts the visible pairs' FLOPs: parallel steps at large batch are compute bound
-            row["roofline_us"] = _round(max(row["bytes"] / HBM_BYTES_PER_S, attention_flops(x) / BF16_FLOP_PER_S) * 1e6)
+            row["roofline_us"] = _round(max(row["bytes"] / check.hbm_bytes_per_s,
+                                             attention_flops(x) / check.bf16_flop_per_s) * 1e6)
             row["triton_us"] = _round(check.time_us(lambda: block_attention_triton(**x)))
             row["pct_of_floor"] = _round(100 * row["floor_us"] / row["triton_us"], 1)
             row["pct_of_roofline"] = _round(100 * row["roofline_us"] / row["triton_us"], 1)
@@ -370,7 +393,7 @@ def bench_draft_head(check: Check) -> list[dict]:
             row["reference_us"] = _round(check.time_us(lambda: draft_head_reference(*args, **kwargs)))
             row["speedup"] = _round(row["reference_us"] / row["triton_us"])
             weights = m["vocab"] * (m["hidden"] + m["rank"]) + 2 * m["hidden"] * m["rank"]   # lm_head, w2, w1
-            row["floor_us"] = _round(weights * args[0].element_size() / HBM_BYTES_PER_S * 1e6)
+            row["floor_us"] = _round(weights * args[0].element_size() / check.hbm_bytes_per_s * 1e6)
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         log(f"kernels: draft_head {row}")
@@ -630,7 +653,7 @@ def stage_forward(check: Check) -> list[dict]:
                         kv_bytes = int((cached + num_clean).sum()) * kv_layers * 2 * shape.kv_heads * shape.head_dim \
                             * model.lm_head.element_size()
                         row.update(ms=_round(us / 1e3, 3), timing=how, weight_gb=_round(weight_bytes / 1e9, 3),
-                                   floor_ms=_round((weight_bytes + kv_bytes) / HBM_BYTES_PER_S * 1e3, 3))
+                                   floor_ms=_round((weight_bytes + kv_bytes) / check.hbm_bytes_per_s * 1e3, 3))
                         row["pct_of_floor"] = _round(100 * row["floor_ms"] / row["ms"], 1)
                         row["weights_gb_per_s"] = _round(weight_bytes / (us * 1e-6) / 1e9, 0)
                     except Exception as err:
@@ -696,7 +719,8 @@ def markdown(report: dict) -> str:
              f"- commit: {p['git_commit']}; started {p['started']}, finished {p.get('finished')}",
              f"- command: `{p['command']}`",
              f"- HBM floor: bytes moved / {p['hbm_bytes_per_s']:.2e} B/s; roofline floor: max(HBM floor, "
-             f"visible-pair FLOPs / {BF16_FLOP_PER_S:.2e} FLOP/s)\n"]
+             f"visible-pair FLOPs / {p.get('bf16_flop_per_s', BF16_FLOP_PER_S):.2e} FLOP/s); "
+             f"{p.get('ceilings', 'H200 constants')}\n"]
     if st.get("kernels"):
         parts += ["## Targets\n", table(targets(report), ["target", "worst", "met", "of"])]
     if "tests" in st:

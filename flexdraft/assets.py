@@ -11,7 +11,7 @@ wheels.  Every failure raises :class:`AssetError` with one sentence that says wh
 
 This module imports only the standard library at import time: a warm call (assets already cached) must stay fast,
 so torch and transformers are imported only when converting the model, and platformdirs only when
-``$FLEXDRAFT_CACHE`` is unset (the lent GPU machine has no platformdirs).
+``$FLEXDRAFT_CACHE`` is unset (without it, as on the lent GPU machine, the cache is its Linux default).
 """
 
 from __future__ import annotations
@@ -73,9 +73,11 @@ def cache_dir() -> Path:
     if env:
         root = Path(env).expanduser()
     else:
-        import platformdirs
-
-        root = Path(platformdirs.user_cache_dir("flexdraft"))
+        try:
+            import platformdirs
+            root = Path(platformdirs.user_cache_dir("flexdraft"))
+        except ImportError:   # the lent GPU machine has none: the XDG default it would give on Linux
+            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexdraft"
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

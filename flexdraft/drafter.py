@@ -171,7 +171,7 @@ class Drafter(nn.Module):
                 attn.load_state_dict(target.layers[drafter.split_layer + i].attn.state_dict())
             # A mask vector at the scale of the residual stream (a tiny one leaves masks a thousand times too small).
             scale = target.embed.float().norm(dim=1).mean() * 4
-            direction = torch.randn(target.config.hidden_size, generator=generator)
+            direction = torch.randn(target.config.hidden_size, generator=generator).to(scale.device)   # CPU RNG: same on every device
             drafter.mask_embedding.copy_(direction / direction.norm() * scale)
             drafter.calib_w1.copy_(calibration_input_weights(*drafter.calib_w1.shape, generator))
         return drafter

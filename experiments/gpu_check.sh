@@ -4,6 +4,7 @@
 #   experiments/gpu_check.sh                 # tests (bf16 too), autotune, kernel benchmarks, forward steps
 #   experiments/gpu_check.sh --dry-run       # the same pipeline on CPU under the Triton interpreter, tiny shapes
 #   experiments/gpu_check.sh --stages kernels,forward --budget-scale 0.5
+#   FLEXDRAFT_GIT_COMMIT=<sha> experiments/gpu_check.sh   # on the lent machine, whose .git is the session start's
 #
 # Results go to $OUT (default ./gpu_out): gpu_check.json, gpu_check.md, gpu_check.log, tests/, autotune/.
 # See experiments/gpu_check.py for what each stage does.

@@ -143,3 +143,13 @@ def test_sweep_needs_a_gpu():
     from autotune.sweep import run_sweep
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         run_sweep()
+
+
+def test_the_commit_can_be_named_where_git_is_stale(monkeypatch):
+    """The lent GPU machine's .git is the session start's; its commands name the commit that runs."""
+    from autotune.store import git_commit
+    monkeypatch.delenv("FLEXDRAFT_GIT_COMMIT", raising=False)
+    here = git_commit()
+    assert here != "abc123"
+    monkeypatch.setenv("FLEXDRAFT_GIT_COMMIT", "abc123")
+    assert git_commit() == "abc123"

@@ -128,6 +128,7 @@ def summarise(measurements: list[dict]) -> list[dict]:
             rows.append({"setting": setting, "dataset": dataset, "batch_size": batch, "config": config,
                          "repeats": len(rates), "tokens_per_s": statistics.median(rates),
                          "speedup_vs_ar": statistics.median(ratios) if ratios else None,
+                         "speedup_range": [min(ratios), max(ratios)] if ratios else None,   # the noise, in view
                          "mean_accepted": statistics.median(accepted) if accepted else None})
     return rows
 
@@ -164,13 +165,14 @@ def run_bench(fd, hf, cfg: BenchConfig, out: Path | None = None, log=lambda mess
     for name in cfg.datasets:
         prompts, raw = dataset_prompts(name)
         encoded[name] = fd.encode(prompts[:max(cfg.prompts, max(cfg.batch_sizes))], raw=raw)
-    warm = encoded[cfg.datasets[0]][:1]
-    for config in cfg.configs:                  # first calls build tables and caches that steady state reuses
-        if applicable(config, 1, "greedy"):
-            run_one(config, fd, hf, warm, 1, "greedy", BenchConfig(max_new_tokens=4))
+    warmed = set()
     for setting, name, batch in cells:
         ids = batch_prompts(encoded[name], batch, cfg.prompts)
         configs = [c for c in cfg.configs if applicable(c, batch, setting)]
+        if (setting, batch) not in warmed:   # a new batch shape's first run pays for set-up (measured on a GPU:
+            warmed.add((setting, batch))     # transformers' first batch-16 run took 3.7x its later ones)
+            for config in configs:
+                run_one(config, fd, hf, ids[:batch], batch, setting, BenchConfig(max_new_tokens=4, seed=cfg.seed))
         for rep in range(cfg.repeats):
             shift = rep % len(configs)
             for config in configs[shift:] + configs[:shift]:

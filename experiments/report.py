@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments import plots
-from experiments.bench import OUR_MODES
+from experiments.bench import OUR_MODES, summarise
 from experiments.crossover import policy_from_entry, predict_run
 from experiments.roofline import CostTable, floors
 
@@ -94,10 +94,13 @@ def target_rows(summary: list[dict]) -> list[dict]:
             best = max((m for m in ("ar", "sequential", "parallel") if m in c), key=lambda m: c[m]["tokens_per_s"])
             vs_best = c["flex"]["tokens_per_s"] / c[best]["tokens_per_s"]
             vs_ar = c["flex"]["speedup_vs_ar"]
-            ok = vs_best >= TARGETS["vs_best_single"] and vs_ar >= TARGETS["vs_ar"] and (
-                batch != 16 or vs_ar >= TARGETS["vs_ar_at_16"])
+            low, high = c["flex"].get("speedup_range") or (vs_ar, vs_ar)
+            need = TARGETS["vs_ar_at_16"] if batch == 16 else TARGETS["vs_ar"]
+            ok = vs_best >= TARGETS["vs_best_single"] and vs_ar >= need
+            # a median above the target with a repetition below it is not a result the next run would repeat
+            met = ("yes" if low >= need else "median only: a repetition fell below") if ok else "no"
             rows.append({"dataset": dataset, "batch": batch, "best single mode": best, "flex / best": vs_best,
-                         "flex / ar": vs_ar, "met": "yes" if ok else "no"})
+                         "flex / ar": vs_ar, "flex / ar, per repetition": f"{low:.2f}-{high:.2f}", "met": met})
     return rows
 
 
@@ -278,6 +281,8 @@ def reproduce(bench: dict | None, entry: dict | None, kernels: list[Path]) -> li
 
 def write_report(bench_path: Path | None, store_path: Path | None, kernels: list[Path], out: Path) -> Path:
     bench = json.loads(Path(bench_path).read_text()) if bench_path else None
+    if bench:   # derived from the measurements: a JSON written before a summary field existed gets it too
+        bench["summary"] = summarise(bench["measurements"])
     store = json.loads(Path(store_path).read_text()) if store_path else None
     key, entry = pick_entry(store, bench)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,6 +293,8 @@ def write_report(bench_path: Path | None, store_path: Path | None, kernels: list
              f"drafter: {extra.get('drafter', '?')}, backend {extra.get('backend', 'torch')}, "
              f"{prov.get('threads', '?')} threads; torch {prov.get('versions', {}).get('torch', '?')}, "
              f"commit {prov.get('git_commit', '?')}, {prov.get('created', '?')}.", ""]
+    if (out / "FINDINGS.md").is_file():   # what a person learned from these numbers, kept beside them
+        lines += ["What was learned from this run, and how far to trust it: [FINDINGS.md](FINDINGS.md).", ""]
     if bench:
         first = bench["summary"][0] if bench["summary"] else None
         if first:

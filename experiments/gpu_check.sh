@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FlexDraft GPU check: one prepared command for one GPU (an H200: about 8 minutes; no downloads, no installs).
+# FlexDraft GPU check: one prepared command for one GPU (at most ~8 minutes, an H100 took 4; no downloads, no installs).
 #
 #   experiments/gpu_check.sh                 # tests (bf16 too), autotune, kernel benchmarks, forward steps
 #   experiments/gpu_check.sh --dry-run       # the same pipeline on CPU under the Triton interpreter, tiny shapes

@@ -89,8 +89,8 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False) -> dict
         0.2 * (deadline - time.time()), logfile)
     summary["steps"]["roofline_s"] = round(time.time() - step_began, 1)
     write_summary()
+    # flex reads this GPU's policy (else the conservative default, which it says)
     env_store = {"FLEXDRAFT_FLEX_STORE": str(store)} if store.is_file() else {}
-    os.environ.update(env_store)   # flex reads this GPU's policy (else the conservative default, which it says)
     bench_budget = deadline - time.time() - 15
     for name, share, extra in BENCHES:
         if dry_run:
@@ -100,7 +100,7 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False) -> dict
         seconds = bench_budget * share if name != BENCHES[-1][0] else deadline - time.time() - 15
         summary["steps"][name] = supervised(
             py + ["bench", *common, "--datasets", "mtbench,humaneval", "--settings", "greedy",
-                  "--max-new-tokens", "64", *extra, "--out", str(out / f"{name}.json")], seconds, logfile)
+                  "--max-new-tokens", "64", *extra, "--out", str(out / f"{name}.json")], seconds, logfile, env_store)
         summary["steps"][f"{name}_s"] = round(time.time() - step_began, 1)
         write_summary()
     log(f"done in {round(time.time() - began)} s; files in {out}")

@@ -220,11 +220,13 @@ def rebuild_model(payload: Path, manifest: dict) -> Path:
     return target
 
 
-def supervised(command: list[str], seconds: float, logfile: Path) -> int | str:
-    """Run a CLI step with a deadline: SIGTERM at the deadline (what it wrote stays), SIGKILL 20 s later."""
+def supervised(command: list[str], seconds: float, logfile: Path, env: dict | None = None) -> int | str:
+    """Run a CLI step with a deadline: SIGTERM at the deadline (what it wrote stays), SIGKILL 20 s later.
+    ``env``: variables to set for it, beside this process's."""
     log(f"$ {' '.join(command)}   (deadline {seconds:.0f} s)")
     with open(logfile, "a") as f:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
         try:
             return proc.wait(timeout=max(1.0, seconds))
         except subprocess.TimeoutExpired:

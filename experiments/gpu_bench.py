@@ -49,7 +49,9 @@ def prepare(out: Path, call_mib: float | None = None) -> list[Path]:
     return pack_calls(out, staging, small, manifest, call_mib)
 
 
-def run(payload: Path, out: Path, minutes: float, dry_run: bool = False) -> dict:
+def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, threads: int | None = None) -> dict:
+    """``threads``: torch's CPU threads for both commands (default torch's: 16 on the H100 host; session 20's bench
+    repetitions disagreed up to 6x there, and whether the host's threads are why is the next run's question)."""
     began = time.time()
     deadline = began + 60 * minutes
     os.environ.setdefault("FLEXDRAFT_CACHE", "/tmp/flexdraft-cache")
@@ -64,7 +66,8 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False) -> dict
     out.mkdir(parents=True, exist_ok=True)
     logfile = out / "gpu_bench.log"
     manifest = json.loads((payload / "manifest.json").read_text())
-    summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes, "steps": {}}
+    summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes, "threads": threads,
+               "steps": {}}
 
     def write_summary():
         summary["seconds"] = round(time.time() - began, 1)
@@ -80,6 +83,7 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False) -> dict
 
     py = [sys.executable, "-m", "flexdraft"]
     common = ["--device", device, "--dtype", "float32" if dry_run else "bfloat16"]
+    common += ["--threads", str(threads)] if threads else []
     store = out / "flex-store.json"
     roofline = ["--quick"] if dry_run else ["--batch-sizes", "1,2,4,8,16,32", "--tokens", "1,2,4,8,16",
                                             "--repeats", "3"]
@@ -116,12 +120,13 @@ def main(argv=None) -> int:
     r.add_argument("--payload", required=True)
     r.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     r.add_argument("--minutes", type=float, default=6.0, help="the whole run, from start to files written")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads for roofline and bench")
     r.add_argument("--dry-run", action="store_true", help="on the CPU, tiny grids")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         print_calls(prepare(Path(args.out)), "python3 -m experiments.gpu_bench run --payload /tmp/payload --minutes 6")
     else:
-        run(Path(args.payload), Path(args.out), args.minutes, args.dry_run)
+        run(Path(args.payload), Path(args.out), args.minutes, args.dry_run, args.threads)
     return 0
 
 

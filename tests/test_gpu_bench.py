@@ -24,7 +24,7 @@ def test_prepare_and_run_rehearse_the_gpu_bench(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FLEXDRAFT_CACHE", str(tmp_path / "cache"))   # the GPU machine's own, empty, cache
     out = tmp_path / "out"
-    summary = gpu_bench.run(there, out, minutes=5, dry_run=True)
+    summary = gpu_bench.run(there, out, minutes=5, dry_run=True, threads=1)
     assert summary["steps"]["roofline"] == 0 and summary["steps"]["bench-batched"] == 0, summary
     assert summary["steps"]["bench-batch1"] == 0, summary
     returned = list(out.iterdir())
@@ -36,6 +36,7 @@ def test_prepare_and_run_rehearse_the_gpu_bench(tmp_path, monkeypatch):
         assert bench["cells_done"] == bench["cells_planned"] == 2   # MT-bench and HumanEval
         assert {m["batch_size"] for m in bench["measurements"]} == {batch}
         assert {m["config"] for m in bench["measurements"]} == {"ar", "parallel", "flex"}
+        assert bench["provenance"]["threads"] == 1
         policy = bench["config"]["extra"]["flex_policy"]
         assert str(out / "flex-store.json") in policy["source"] and key in policy["source"]   # flex read this run's
     assert (tmp_path / "cache" / "data" / "mtbench.jsonl").is_file()

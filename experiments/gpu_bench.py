@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.gpu_train import PAYLOAD, ROOT, log, model_payload, pack_calls, print_calls, rebuild_model, supervised
+from experiments.gpu_train import PAYLOAD, ROOT, log, model_payload, pack_calls, print_calls, start_run, supervised
 
 EVAL_DATA = ("mtbench", "humaneval")
 ACCEPTANCE_FROM = ROOT / "experiments" / "store" / "cpu-intel-xeon-avx512.json"
@@ -54,31 +54,17 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, threads
     repetitions disagreed up to 6x there, and whether the host's threads are why is the next run's question)."""
     began = time.time()
     deadline = began + 60 * minutes
-    os.environ.setdefault("FLEXDRAFT_CACHE", "/tmp/flexdraft-cache")
-    import torch
-
-    from experiments.provenance import provenance
+    device, logfile, summary = start_run("gpu_bench", payload, out, minutes, dry_run)
+    summary["threads"] = threads
     from flexdraft.assets import cache_dir
-
-    device = "cpu" if dry_run else "cuda"
-    if not dry_run and not torch.cuda.is_available():
-        raise SystemExit("gpu_bench: this torch sees no CUDA GPU (pass --dry-run to rehearse on the CPU)")
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = out / "gpu_bench.log"
-    manifest = json.loads((payload / "manifest.json").read_text())
-    summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes, "threads": threads,
-               "steps": {}}
 
     def write_summary():
         summary["seconds"] = round(time.time() - began, 1)
         (out / "gpu_bench.json").write_text(json.dumps(summary, indent=1))
 
-    rebuild_model(payload, manifest)
     (cache_dir() / "data").mkdir(parents=True, exist_ok=True)
     for name in EVAL_DATA:
         shutil.copy(payload / f"{name}.jsonl", cache_dir() / "data" / f"{name}.jsonl")
-    summary["steps"]["model_s"] = round(time.time() - began, 1)
-    log(f"target rebuilt, fingerprint {manifest['fingerprint']} ({summary['steps']['model_s']} s)")
     write_summary()
 
     py = [sys.executable, "-m", "flexdraft"]

@@ -88,6 +88,7 @@ class Check:
                              "stages": {}}
         self.stage_start = time.perf_counter()
         self.stage_budget = 0.0
+        self._flush = None   # graph_us's L2-flushing buffer, allocated on first use
         self.warmers: list = []   # processes compiling the sweep's configs while the tests run
         self.stages: list[str] = list(STAGES)
 
@@ -122,22 +123,10 @@ class Check:
 
         import torch
         try:
-            if getattr(self, "_flush", None) is None:
+            if self._flush is None:
                 self._flush = torch.empty(128 << 20, dtype=torch.int8, device="cuda")   # > any L2 (50-60 MB)
             flush = self._flush
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):   # compile, allocate: nothing of that may happen inside a capture
-                fn()
-                flush.zero_()
-            torch.cuda.current_stream().wait_stream(stream)
-            graphs = {}
-            for name, body in (("both", lambda: (flush.zero_(), fn())), ("flush", flush.zero_)):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(reps):
-                        body()
-                graphs[name] = graph
+            graphs = {"both": cuda_graph(lambda: (flush.zero_(), fn()), reps), "flush": cuda_graph(flush.zero_, reps)}
             samples = {name: [] for name in graphs}
             for _ in range(7):   # interleaved: drift falls on both
                 for name, graph in graphs.items():
@@ -168,6 +157,23 @@ class Check:
         self.report["provenance"]["finished"] = now()
         (self.out / "gpu_check.json").write_text(json.dumps(self.report, indent=1, default=str))
         (self.out / "gpu_check.md").write_text(markdown(self.report))
+
+
+def cuda_graph(body, reps: int = 1, warmups: int = 1):
+    """``body`` captured ``reps`` times over in one CUDA graph, after ``warmups`` calls on a side stream (Triton's
+    compiles and the allocator's first allocations may not happen inside a capture)."""
+    import torch
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            body()
+    return graph
 
 
 def log(msg: str) -> None:
@@ -646,15 +652,7 @@ def time_step(check: Check, fn) -> tuple[float, str]:
         return check.time_us(fn), "eager"
     import torch
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = cuda_graph(fn, warmups=2)
         us = check.time_us(graph.replay)
         del graph
         return us, "cuda-graph"

@@ -238,26 +238,34 @@ def supervised(command: list[str], seconds: float, logfile: Path, env: dict | No
             return "stopped at its deadline"
 
 
-def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, data_share: float = 0.35,
-        sequences_per_step: int = 16) -> dict:
+def start_run(name: str, payload: Path, out: Path, minutes: float, dry_run: bool) -> tuple[str, Path, dict]:
+    """What every run on the lent machine begins with: its own cache, the GPU (or a dry run's CPU), ``out``, and
+    the target rebuilt from the payload. Returns (device, log file, summary: provenance, manifest, steps)."""
     began = time.time()
-    deadline = began + 60 * minutes
     os.environ.setdefault("FLEXDRAFT_CACHE", "/tmp/flexdraft-cache")
     import torch
 
-    from flexdraft.data import corpus_path, read_corpus
     from experiments.provenance import provenance
 
     device = "cpu" if dry_run else "cuda"
     if not dry_run and not torch.cuda.is_available():
-        raise SystemExit("gpu_train: this torch sees no CUDA GPU (pass --dry-run to rehearse on the CPU)")
+        raise SystemExit(f"{name}: this torch sees no CUDA GPU (pass --dry-run to rehearse on the CPU)")
     out.mkdir(parents=True, exist_ok=True)
-    logfile = out / "gpu_train.log"
     manifest = json.loads((payload / "manifest.json").read_text())
     summary = {"provenance": provenance(device), "manifest": manifest, "minutes": minutes, "steps": {}}
     rebuild_model(payload, manifest)
     summary["steps"]["model_s"] = round(time.time() - began, 1)
     log(f"target rebuilt, fingerprint {manifest['fingerprint']} ({summary['steps']['model_s']} s)")
+    return device, out / f"{name}.log", summary
+
+
+def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, data_share: float = 0.35,
+        sequences_per_step: int = 16) -> dict:
+    began = time.time()
+    deadline = began + 60 * minutes
+    device, logfile, summary = start_run("gpu_train", payload, out, minutes, dry_run)
+    manifest = summary["manifest"]
+    from flexdraft.data import corpus_path, read_corpus
     greedy = corpus_path(manifest["fingerprint"], 0.0)
     greedy.parent.mkdir(parents=True, exist_ok=True)
     if not greedy.is_file():

@@ -2,9 +2,9 @@
 the GGUF parts with the evaluation prompts beside it in a cache of its own, and the roofline harness and both
 benches leave their JSONs, the flex store the benches read among them, within what a call may return."""
 import json
-import shutil
 
 import pytest
+from test_gpu_train import landed
 
 pytestmark = pytest.mark.real_model
 
@@ -14,13 +14,7 @@ def test_prepare_and_run_rehearse_the_gpu_bench(tmp_path, monkeypatch):
 
     folders = gpu_bench.prepare(tmp_path / "payload", call_mib=40)
     assert len(folders) == 3   # ~86 MiB of compressed GGUF and the small files, 40 MiB at a time
-    for folder in folders:
-        assert sum(p.stat().st_size for p in folder.iterdir()) <= 40 * 2 ** 20
-    there = tmp_path / "there"
-    there.mkdir()
-    for folder in folders:
-        for p in folder.iterdir():
-            shutil.copy(p, there / p.name)
+    there = landed(folders, tmp_path / "there", 40)
 
     monkeypatch.setenv("FLEXDRAFT_CACHE", str(tmp_path / "cache"))   # the GPU machine's own, empty, cache
     out = tmp_path / "out"

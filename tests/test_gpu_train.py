@@ -24,6 +24,17 @@ def made_up_corpus(path, rows: int):
     return path
 
 
+def landed(folders, there, call_mib: float):
+    """Each call's folder under ``call_mib``, and what the device calls leave in /tmp/payload: ``there``."""
+    for folder in folders:
+        assert sum(p.stat().st_size for p in folder.iterdir()) <= call_mib * 2 ** 20
+    there.mkdir()
+    for folder in folders:
+        for p in folder.iterdir():
+            shutil.copy(p, there / p.name)
+    return there
+
+
 def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeypatch):
     from experiments import gpu_train
     from flexdraft.data import read_corpus
@@ -31,13 +42,7 @@ def test_prepare_run_and_collect_rehearse_the_gpu_training_run(tmp_path, monkeyp
     home = made_up_corpus(tmp_path / "home-corpus.jsonl", 40)
     folders = gpu_train.prepare(tmp_path / "payload", call_mib=40, max_prompts=8, corpus=home)
     assert len(folders) == 3   # 98 MB of GGUF and the small files, 40 MiB at a time
-    for folder in folders:
-        assert sum(p.stat().st_size for p in folder.iterdir()) <= 40 * 2 ** 20
-    there = tmp_path / "there"   # what the device calls leave in /tmp/payload
-    there.mkdir()
-    for folder in folders:
-        for p in folder.iterdir():
-            shutil.copy(p, there / p.name)
+    there = landed(folders, tmp_path / "there", 40)
 
     monkeypatch.setenv("FLEXDRAFT_CACHE", str(tmp_path / "cache"))   # the GPU machine's own, empty, cache
     out = tmp_path / "out"

@@ -150,7 +150,8 @@ class FlexDraft:
                  mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 1, raw: bool = False,
                  verify_threshold: float = 0.01, verify_strategy: str = "cumulative_product",
-                 calibration: bool = True, lookup: bool = True, lookup_len: int = COPY_LEN) -> GenerationResult:
+                 calibration: bool = True, lookup: bool = True, lookup_len: int = COPY_LEN,
+                 tree_nodes: int = 0) -> GenerationResult:
         from flexdraft.generate import generate_ar
         from flexdraft.speculative import SpecConfig, generate_speculative
 
@@ -162,7 +163,8 @@ class FlexDraft:
             raise FlexDraftError(f"--batch-size must be at least 1, got {batch_size}")
         try:
             params = SamplingParams(temperature, top_k, top_p)
-            spec = SpecConfig(verify_threshold, verify_strategy, calibration, lookup, lookup_len)
+            spec = SpecConfig(verify_threshold, verify_strategy, calibration, lookup, lookup_len,
+                              tree_nodes=tree_nodes)
         except ValueError as exc:
             raise FlexDraftError(str(exc)) from None
         if mode != "ar" and self.drafter is None:

@@ -62,6 +62,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-len", type=int, default=COPY_LEN,
                    help=f"tokens a prompt-lookup copy drafts while one sequence is decoding (default {COPY_LEN}); "
                    "in a batch, copies draft the drafter's block size - 1, and never fewer")
+    p.add_argument("--tree-nodes", type=int, default=0,
+                   help="greedy sequential steps verify a tree of up to this many drafts, the likeliest paths through "
+                   "each block position's candidates (default 0: a chain of the likeliest drafts)")
     add_device_arg(p)
 
 
@@ -172,7 +175,7 @@ def command_generate(args) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          raw=args.raw, verify_threshold=args.verify_threshold,
                          verify_strategy=args.verify_strategy, calibration=not args.no_calibration,
-                         lookup=not args.no_lookup, lookup_len=args.lookup_len)
+                         lookup=not args.no_lookup, lookup_len=args.lookup_len, tree_nodes=args.tree_nodes)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0

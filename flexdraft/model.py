@@ -173,13 +173,16 @@ class Transformer(nn.Module):
     # ---- the forward pass ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 masks: MaskStream | None = None, drafter=None, stop_layer: int | None = None,
-                start: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                start: tuple[int, torch.Tensor] | None = None, tree_attention: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one step; returns the final hidden states of the clean tokens [B, Tc, h] and of the masks [B, Tm, h].
         ``stop_layer`` returns the residual stream entering that layer instead; ``start = (layer, hidden [B, Tc, h])``
         resumes the clean tokens from such a stored stream (training stores it once: the first layers never change).
 
         tokens, positions [B, Tc]: clean tokens (Tc may be 0: a draft-only pass starts at the split layer).
         Their K/V are written into the cache at their positions before attending, so causality is ``kv <= position``.
+        ``tree_attention`` (a tree step, ``kernels.block_attention.tree_step_arguments``; no masks) writes them at its
+        ``kv_limit`` slots instead and attends by its visibility: a tree's nodes share positions, not slots.
         """
         num_clean = tokens.shape[1]
         if start is not None:
@@ -189,7 +192,8 @@ class Transformer(nn.Module):
             hidden = self.embed[tokens] if num_clean else None
         # What every layer of the step shares is built once here: RoPE tables, attention limits, the visibility.
         cos, sin = self.rope(positions) if num_clean else (None, None)
-        clean_step = step_arguments(positions, num_clean) if num_clean else None
+        clean_step = tree_attention or (step_arguments(positions, num_clean) if num_clean else None)
+        write_at = positions if tree_attention is None else tree_attention["kv_limit"]
         if masks is not None:   # the tuned layers' queries: the clean tokens, then the masks
             cos_tuned, sin_tuned = self.rope(masks.positions)
             tuned_limits = masks.anchors
@@ -218,7 +222,7 @@ class Transformer(nn.Module):
                 k_mask = v_mask = None
                 step = clean_step
             if num_clean:
-                cache.write(index, k, v, positions)
+                cache.write(index, k, v, write_at)
             attn = block_attention(q, cache.k[index], cache.v[index], k_mask=k_mask, v_mask=v_mask, **step)
             if tuned:
                 out = layer.attn.output(attn[:, :num_clean]) if num_clean else None

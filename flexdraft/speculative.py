@@ -30,7 +30,9 @@ from flexdraft.lookup import COPY_LEN, PromptLookup
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, probabilities
-from kernels.draft_head import draft_head
+from flexdraft.tree import DraftTree, accept_greedy, build_tree, compact
+from kernels.block_attention import tree_step_arguments
+from kernels.draft_head import calibrated_logits, draft_head
 from kernels.verify import verify_greedy, verify_sampling
 
 VERIFY_STRATEGIES = ("cumulative_product", "min_confidence")
@@ -48,8 +50,13 @@ class SpecConfig:
     # larger batch copies draft Bs-1: one row's long copy widens every row's step (slower at batch 4 and 8 on a CPU).
     lookup_len: int = COPY_LEN
     long_copy_batch: int = 1
+    # Greedy sequential steps verify a tree of up to this many drafts (flexdraft/tree.py): the likeliest paths through
+    # each slot's candidates whose probability reaches the verify threshold. 0: a chain of the likeliest drafts.
+    tree_nodes: int = 0
 
     def __post_init__(self):
+        if self.tree_nodes < 0:
+            raise ValueError(f"--tree-nodes must be at least 0, got {self.tree_nodes}")
         if self.lookup_len < 0:
             raise ValueError(f"--lookup-len must be at least 0, got {self.lookup_len}")
         if self.verify_strategy not in VERIFY_STRATEGIES:
@@ -63,9 +70,12 @@ class Drafts:
     tokens: torch.Tensor           # [B, W], W = Bs-1 from the drafter, more where prompt-lookup copies are longer
     confidence: torch.Tensor       # [B, W] max draft probability per slot; 0 where a slot holds no draft
     probs: torch.Tensor | None     # [B, W, V] q, only when sampling
+    # (tokens, probabilities) [B, W, K]: each slot's K likeliest drafts, for a tree step (SpecConfig.tree_nodes)
+    top: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def keep(self, rows):
-        return Drafts(self.tokens[rows], self.confidence[rows], None if self.probs is None else self.probs[rows])
+        return Drafts(self.tokens[rows], self.confidence[rows], None if self.probs is None else self.probs[rows],
+                      None if self.top is None else (self.top[0][rows], self.top[1][rows]))
 
     def widened(self, width: int) -> "Drafts":
         """These drafts padded to ``width`` slots with empty ones (confidence 0: never verified)."""
@@ -73,7 +83,8 @@ class Drafts:
         if pad <= 0:
             return self
         return Drafts(F.pad(self.tokens, (0, pad)), F.pad(self.confidence, (0, pad)),
-                      None if self.probs is None else F.pad(self.probs, (0, 0, 0, pad)))
+                      None if self.probs is None else F.pad(self.probs, (0, 0, 0, pad)),
+                      None if self.top is None else tuple(F.pad(t, (0, 0, 0, pad)) for t in self.top))
 
     @staticmethod
     def copied(tokens: torch.Tensor, vocab_size: int | None) -> "Drafts":
@@ -91,8 +102,13 @@ class Drafts:
         # One-hot q only for the copied rows, written in place of theirs (and in their dtype).
         copies = Drafts.copied(tokens[rows], None if self.probs is None else self.probs.shape[-1]).widened(width)
         probs = None if mine.probs is None else mine.probs.index_put((rows,), copies.probs.to(mine.probs.dtype))
+        top = None
+        if mine.top is not None:   # a copy is its slot's only candidate
+            others = mine.top[0].shape[-1] - 1
+            top = (mine.top[0].index_put((rows,), F.pad(copies.tokens[..., None], (0, others))),
+                   mine.top[1].index_put((rows,), F.pad(copies.confidence[..., None], (0, others)).to(mine.top[1].dtype)))
         return Drafts(mine.tokens.index_put((rows,), copies.tokens),
-                      mine.confidence.index_put((rows,), copies.confidence.to(mine.confidence.dtype)), probs)
+                      mine.confidence.index_put((rows,), copies.confidence.to(mine.confidence.dtype)), probs, top)
 
 
 @contextmanager
@@ -137,10 +153,18 @@ def next_drafts(model: Transformer, drafter: Drafter, block_hidden: torch.Tensor
     slots = block_hidden[:, 1:].reshape(B * (Bs - 1), h)
     bonus_emb = model.embed[bonus].repeat_interleave(Bs - 1, dim=0)
     lm_head, calibration = drafter.head_weights(model)   # lm_head: the rows of the draft vocabulary
+    calibration = calibration if spec.calibration else None
+    if spec.tree_nodes and params.greedy:
+        # A tree step needs each slot's likeliest candidates, not only the likeliest: the head's logits in full.
+        logits = calibrated_logits(slots, model.norm, model.config.rms_norm_eps, lm_head, bonus_emb, calibration)
+        top_probs, top_indices = probabilities(logits, params).topk(min(spec.tree_nodes, lm_head.shape[0]), dim=-1)
+        tokens = drafter.target_ids(top_indices).view(B, Bs - 1, -1)
+        top_probs = top_probs.view(B, Bs - 1, -1)
+        return Drafts(tokens[..., 0], top_probs[..., 0], None, (tokens, top_probs))
     noise = None if params.greedy else streams.exponential((Bs - 1) * lm_head.shape[0]).view(B * (Bs - 1), -1)
     indices, _, max_prob, probs = draft_head(
-        slots, model.norm, model.config.rms_norm_eps, lm_head, bonus_emb,
-        calibration if spec.calibration else None, params=params, race_noise=noise)
+        slots, model.norm, model.config.rms_norm_eps, lm_head, bonus_emb, calibration, params=params,
+        race_noise=noise)
     # Verification reads q over the target's vocabulary (zero where the head cannot draft).
     return Drafts(drafter.target_ids(indices).view(B, Bs - 1), max_prob.view(B, Bs - 1).float(),
                   None if probs is None else drafter.on_target_vocab(probs).view(B, Bs - 1, -1))
@@ -232,6 +256,24 @@ def sequential_step(model, drafter, cache, bonus, drafts, num_drafts, params, sp
 
 
 @torch.no_grad()
+def tree_step(model, drafter, cache, bonus, drafts, tree: DraftTree, params, spec, streams, stats):
+    """A sequential step (greedy) that verifies a tree of drafts: its nodes share the pass, each seeing its own path.
+    The accepted path's K/V then move to where they stand in the sequence; the rest of the tree is left behind."""
+    tokens = torch.cat([bonus[:, None], tree.tokens], dim=1)
+    depth = torch.cat([torch.zeros_like(tree.depth[:, :1]), tree.depth], dim=1)
+    attention = tree_step_arguments(cache.lengths, tree.ancestors())
+    with timed(stats, "target_forward"):
+        clean_hidden, _ = model(tokens, cache.lengths[:, None] + depth, cache, tree_attention=attention)
+        logits = model.logits(clean_hidden)
+    with timed(stats, "verify"):
+        out, accept_len, path, new_lengths = accept_greedy(tree, logits.argmax(dim=-1), cache.lengths)
+        compact(cache, cache.lengths, path, accept_len)
+        cache.lengths = new_lengths
+        new_bonus = out.gather(1, accept_len[:, None]).squeeze(1)
+    return out, accept_len, new_bonus, None
+
+
+@torch.no_grad()
 def ar_step(model, drafter, cache, bonus, drafts, num_drafts, params, spec, streams, stats):
     """Flex's fallback where speculation does not pay: the bonus through the target, one new token, no drafts."""
     with timed(stats, "target_forward"):
@@ -267,7 +309,8 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     streams = Streams(seeds.to(device))
     stats = Stats(accept_histogram=[0] * (most_drafts + 2))
     start = time.perf_counter()
-    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + most_drafts + block + 1)
+    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + most_drafts + block + 1
+                            + spec.tree_nodes)
     lookup = PromptLookup(prompts, device) if spec.lookup else None
     # A flex policy that starts with ar steps gets no drafts until a speculative step needs them.
     first_mode, _ = step_choice(choose_mode, batch.size)
@@ -305,11 +348,18 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
                 step_mode = "sequential"
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
+        step = STEPS[step_mode]
+        if step_mode == "sequential" and drafts.top is not None:
+            # The tree's paths reach as deep as the chain would verify, and a copy as far as it runs.
+            step, num_drafts = tree_step, build_tree(
+                *drafts.top, max(spec.tree_nodes, drafts.tokens.shape[1]),
+                spec.verify_threshold if threshold is None else threshold, max_depth=num_drafts)
         if trace is not None:
             trace.append({"mode": step_mode, "confidence": None if drafts is None else drafts.confidence.cpu(),
-                          "num_drafts": None if num_drafts is None else num_drafts.cpu()})
-        out, accept_len, bonus, drafts = STEPS[step_mode](model, drafter, cache, bonus, drafts, num_drafts, params,
-                                                          spec, streams, stats)
+                          "num_drafts": None if num_drafts is None else (
+                              num_drafts.valid.sum(1) if isinstance(num_drafts, DraftTree) else num_drafts).cpu()})
+        out, accept_len, bonus, drafts = step(model, drafter, cache, bonus, drafts, num_drafts, params, spec, streams,
+                                              stats)
         if trace is not None:
             trace[-1]["accept_len"] = accept_len.cpu()
         stats.mode_steps[step_mode] = stats.mode_steps.get(step_mode, 0) + 1

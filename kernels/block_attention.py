@@ -350,6 +350,25 @@ def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1) 
             "allowed": visibility(kv_limit, kv_extent, num_clean, num_masks, group_size)}
 
 
+def tree_step_arguments(kv_len: torch.Tensor, ancestors: torch.Tensor) -> dict:
+    """``block_attention``'s arguments for a tree step (``flexdraft/tree.py``): slot t of row b is written at cache
+    slot ``kv_len[b] + t`` and sees the cache before the step plus the slots that ``ancestors`` [B, T, T] marks.
+
+    Reference only: the Triton kernel's visibility is a limit per query, which a tree's branches do not have."""
+    from kernels import backend
+
+    if backend.use_triton():
+        raise NotImplementedError("tree verification runs on the torch backend only (the Triton block attention "
+                                  "has no tree visibility yet)")
+    T = ancestors.shape[1]
+    slots = kv_len[:, None] + torch.arange(T, device=kv_len.device)[None, :]
+    kv_extent = int(slots.max()) + 1
+    step = torch.arange(kv_extent, device=kv_len.device)[None, :] - kv_len[:, None]          # [B, S]: slot - kv_len
+    in_step = ((step >= 0) & (step < T))[:, None, :] & ancestors.gather(2, step.clamp(0, T - 1)[:, None, :].expand(-1, T, -1))
+    allowed = (step < 0)[:, None, :] | in_step
+    return {"kv_limit": slots, "num_clean": T, "group_size": 1, "kv_extent": kv_extent, "allowed": allowed[:, None]}
+
+
 def block_attention(*args, **kwargs):
     """Dispatch to the active backend (see ``kernels.backend``)."""
     from kernels import backend

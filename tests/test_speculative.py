@@ -60,9 +60,10 @@ def some_tokens(vocab_size: int, count: int, seed: int) -> list[int]:
 
 
 # How drafts are made: copies as long as the drafter's 5 drafts; copies of the default length (10) beside them, at
-# every batch size (by default only where one row is left); the drafter alone.
+# every batch size (by default only where one row is left); the drafter alone; sequential steps verifying trees of
+# the drafter's candidates and long copies.
 DRAFTING = {"lookup": dict(lookup=True, lookup_len=0), "long-copies": dict(lookup=True, long_copy_batch=8),
-            "drafter-alone": dict(lookup=False)}
+            "drafter-alone": dict(lookup=False), "trees": dict(lookup=True, long_copy_batch=8, tree_nodes=7)}
 
 
 @pytest.mark.parametrize("drafting", DRAFTING)
@@ -270,9 +271,9 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
        strategy=st.sampled_from(["cumulative_product", "min_confidence"]), mode=st.sampled_from(MODES),
        lengths=st.lists(st.integers(1, 10), min_size=1, max_size=6), max_new=st.integers(1, 20),
        calibration=st.booleans(), draft_vocab=st.sampled_from([0, 1, 7, 40]), lookup_len=st.sampled_from([0, 4, 9]),
-       seed=st.integers(0, 1000))
+       tree_nodes=st.sampled_from([0, 1, 3, 12]), seed=st.integers(0, 1000))
 def test_property_greedy_lossless(family, layers, tuned, block, threshold, strategy, mode, lengths, max_new,
-                                  calibration, draft_vocab, lookup_len, seed):
+                                  calibration, draft_vocab, lookup_len, tree_nodes, seed):
     model, _ = tiny_target(family, seed=seed, num_hidden_layers=layers)
     vocab = some_tokens(model.config.vocab_size, draft_vocab, seed) if draft_vocab else None
     drafter = Drafter.initialise(model, num_tuned_layers=min(tuned, layers), block_size=block, seed=seed,
@@ -282,5 +283,6 @@ def test_property_greedy_lossless(family, layers, tuned, block, threshold, strat
     expected, _ = generate_ar(model, prompts, max_new, SamplingParams(), stops, torch.arange(len(prompts)))
     got, _ = generate_speculative(model, drafter, prompts, max_new, SamplingParams(), stops,
                                   torch.arange(len(prompts)), step_mode(mode),
-                                  SpecConfig(threshold, strategy, calibration, lookup_len=lookup_len))
+                                  SpecConfig(threshold, strategy, calibration, lookup_len=lookup_len,
+                                             tree_nodes=tree_nodes))
     assert got.results() == expected.results()

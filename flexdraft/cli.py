@@ -63,7 +63,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens a prompt-lookup copy drafts while one sequence is decoding (default {COPY_LEN}); "
                    "in a batch, copies draft the drafter's block size - 1, and never fewer")
     p.add_argument("--tree-nodes", type=int, default=0,
-                   help="greedy sequential steps verify a tree of up to this many drafts, the likeliest paths through "
+                   help="sequential steps verify a tree of up to this many drafts, the likeliest paths through "
                    "each block position's candidates (default 0: a chain of the likeliest drafts)")
     add_device_arg(p)
 

@@ -29,8 +29,8 @@ from flexdraft.generate import choose_tokens, decode_one_token, prefill
 from flexdraft.lookup import COPY_LEN, PromptLookup
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
-from flexdraft.sampling import SamplingParams, probabilities
-from flexdraft.tree import DraftTree, accept_greedy, build_tree, compact
+from flexdraft.sampling import SamplingParams, probabilities, sample
+from flexdraft.tree import DraftTree, build_tree, compact, greedy_choice, walk
 from kernels.block_attention import tree_step_arguments
 from kernels.draft_head import calibrated_logits, draft_head
 from kernels.verify import verify_greedy, verify_sampling
@@ -50,7 +50,7 @@ class SpecConfig:
     # larger batch copies draft Bs-1: one row's long copy widens every row's step (slower at batch 4 and 8 on a CPU).
     lookup_len: int = COPY_LEN
     long_copy_batch: int = 1
-    # Greedy sequential steps verify a tree of up to this many drafts (flexdraft/tree.py): the likeliest paths through
+    # Sequential steps verify a tree of up to this many drafts (flexdraft/tree.py): the likeliest paths through
     # each slot's candidates whose probability reaches the verify threshold. 0: a chain of the likeliest drafts.
     tree_nodes: int = 0
 
@@ -154,13 +154,15 @@ def next_drafts(model: Transformer, drafter: Drafter, block_hidden: torch.Tensor
     bonus_emb = model.embed[bonus].repeat_interleave(Bs - 1, dim=0)
     lm_head, calibration = drafter.head_weights(model)   # lm_head: the rows of the draft vocabulary
     calibration = calibration if spec.calibration else None
-    if spec.tree_nodes and params.greedy:
-        # A tree step needs each slot's likeliest candidates, not only the likeliest: the head's logits in full.
+    if spec.tree_nodes:
+        # A tree step needs each slot's likeliest candidates, not one draft: the head's logits in full. The
+        # candidates are certain proposals (not samples of q), so a chain of them verifies as copies do: q one-hot.
         logits = calibrated_logits(slots, model.norm, model.config.rms_norm_eps, lm_head, bonus_emb, calibration)
         top_probs, top_indices = probabilities(logits, params).topk(min(spec.tree_nodes, lm_head.shape[0]), dim=-1)
         tokens = drafter.target_ids(top_indices).view(B, Bs - 1, -1)
         top_probs = top_probs.view(B, Bs - 1, -1)
-        return Drafts(tokens[..., 0], top_probs[..., 0], None, (tokens, top_probs))
+        one_hot = Drafts.copied(tokens[..., 0], None if params.greedy else model.config.vocab_size).probs
+        return Drafts(tokens[..., 0], top_probs[..., 0], one_hot, (tokens, top_probs))
     noise = None if params.greedy else streams.exponential((Bs - 1) * lm_head.shape[0]).view(B * (Bs - 1), -1)
     indices, _, max_prob, probs = draft_head(
         slots, model.norm, model.config.rms_norm_eps, lm_head, bonus_emb, calibration, params=params,
@@ -257,8 +259,8 @@ def sequential_step(model, drafter, cache, bonus, drafts, num_drafts, params, sp
 
 @torch.no_grad()
 def tree_step(model, drafter, cache, bonus, drafts, tree: DraftTree, params, spec, streams, stats):
-    """A sequential step (greedy) that verifies a tree of drafts: its nodes share the pass, each seeing its own path.
-    The accepted path's K/V then move to where they stand in the sequence; the rest of the tree is left behind."""
+    """A sequential step that verifies a tree of drafts: its nodes share the pass, each seeing its own path. The
+    accepted path's K/V then move to where they stand in the sequence; the rest of the tree is left behind."""
     tokens = torch.cat([bonus[:, None], tree.tokens], dim=1)
     depth = torch.cat([torch.zeros_like(tree.depth[:, :1]), tree.depth], dim=1)
     attention = tree_step_arguments(cache.lengths, tree.ancestors())
@@ -266,7 +268,13 @@ def tree_step(model, drafter, cache, bonus, drafts, tree: DraftTree, params, spe
         clean_hidden, _ = model(tokens, cache.lengths[:, None] + depth, cache, tree_attention=attention)
         logits = model.logits(clean_hidden)
     with timed(stats, "verify"):
-        out, accept_len, path, new_lengths = accept_greedy(tree, logits.argmax(dim=-1), cache.lengths)
+        if params.greedy:
+            choose = greedy_choice(logits.argmax(dim=-1))
+        else:   # one draw from the target at each node the walk reaches
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            choose = lambda at: sample(probabilities(logits[rows, at], params),  # noqa: E731
+                                       streams.exponential(logits.shape[-1]))
+        out, accept_len, path, new_lengths = walk(tree, choose, cache.lengths)
         compact(cache, cache.lengths, path, accept_len)
         cache.lengths = new_lengths
         new_bonus = out.gather(1, accept_len[:, None]).squeeze(1)

@@ -97,30 +97,42 @@ def chain_tree(tokens: torch.Tensor, num_drafts: torch.Tensor) -> DraftTree:
                      valid=valid)
 
 
-def accept_greedy(tree: DraftTree, target_argmax: torch.Tensor, kv_len: torch.Tensor):
-    """Walk the tree from the root along the target's argmax ([B, N+1], per slot).
+def walk(tree: DraftTree, choose, kv_len: torch.Tensor):
+    """Walk the tree from the root: at each node ``choose(slot [B]) -> token [B]`` picks the target's token there (its
+    argmax, or a sample from its distribution); a child holding that token is accepted and the walk goes on from it,
+    otherwise the chosen token is the step's resolved token. Sampling stays exact because the tree does not depend on
+    the target's choices: each token of the output is one draw from the target at the path before it.
 
     Returns (tokens [B, D+1] padded -1: the accepted path then the resolved token, accept_len [B], path [B, D]: the
     accepted nodes' slots, 0 past accept_len, new cache length [B]); D = the tree's depth."""
     B, N = tree.tokens.shape
     D = int(tree.depth.max()) if N else 0
     at = torch.zeros(B, dtype=torch.int64, device=tree.tokens.device)
-    accept_len = torch.zeros_like(at)
+    accept_len, resolved = torch.zeros_like(at), torch.zeros_like(at)
+    walking = torch.ones(B, dtype=torch.bool, device=at.device)
     path = torch.zeros(B, D, dtype=torch.int64, device=at.device)
     tokens = torch.full((B, D + 1), -1, dtype=torch.int64, device=at.device)
-    for d in range(D):
-        wanted = target_argmax.gather(1, at[:, None])
-        match = tree.valid & (tree.parents == at[:, None]) & (tree.tokens == wanted)
+    for d in range(D + 1):
+        wanted = choose(at)
+        match = tree.valid & (tree.parents == at[:, None]) & (tree.tokens == wanted[:, None])
         # Siblings hold distinct tokens (one slot's distinct candidates), so at most one child matches.
-        hit = match.any(1) & (accept_len == d)
+        hit = match.any(1) & walking
+        resolved = torch.where(walking & ~hit, wanted, resolved)
+        walking &= hit
+        if d == D:
+            break
         child = match.to(torch.int64).argmax(1) + 1
         at = torch.where(hit, child, at)
         path[:, d] = torch.where(hit, child, 0)
-        tokens[:, d] = torch.where(hit, wanted.squeeze(1), -1)
+        tokens[:, d] = torch.where(hit, wanted, -1)
         accept_len += hit.to(torch.int64)
-    resolved = target_argmax.gather(1, at[:, None]).squeeze(1)
     tokens = tokens.scatter(1, accept_len[:, None], resolved[:, None])
     return tokens, accept_len, path, kv_len + accept_len + 1
+
+
+def greedy_choice(target_argmax: torch.Tensor):
+    """``walk``'s choice for greedy decoding: the target's argmax at each slot ([B, N+1])."""
+    return lambda at: target_argmax.gather(1, at[:, None]).squeeze(1)
 
 
 def compact(cache, kv_len: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor) -> None:

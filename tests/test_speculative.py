@@ -227,13 +227,17 @@ def expected_tv_bound(p, n):
 
 
 @pytest.mark.parametrize("mode", ["ar"] + MODES + ["parallel-draft-vocab", "sequential-draft-vocab", "parallel-lookup",
-                                  "sequential-lookup", "flex-lookup", "parallel-long-lookup", "sequential-long-lookup"])
+                                  "sequential-lookup", "flex-lookup", "parallel-long-lookup", "sequential-long-lookup",
+                                  "sequential-tree", "flex-tree", "sequential-lookup-tree", "parallel-tree"])
 def test_sampling_matches_exact_target_distribution(small_vocab, mode):
     """The "-draft-vocab" cases draft from 4 of the 6 tokens: q is zero on the other two, so only the residual
     max(p - q, 0) can produce them, and the output must still follow p exactly. In the "-lookup" cases the prompt
     repeats itself, so drafts are copies (q one-hot) from the first step on; elsewhere the drafter drafts alone.
     "-long-lookup" drafts 1 token from the drafter and copies 2 (over 4 new tokens, so that a step can verify 2):
-    rows that copy and rows that do not share a step."""
+    rows that copy and rows that do not share a step. "-tree" verifies trees of the drafter's 4 likeliest paths in
+    sequential steps; parallel steps verify chains of its likeliest drafts, which are not samples of q."""
+    tree = mode.endswith("-tree")
+    mode = mode.removesuffix("-tree")
     lookup, long_copies = mode.endswith("-lookup"), mode.endswith("-long-lookup")
     # Prompts that repeat: with [3, 4, 2, 3, 3] most first steps copy 2 tokens, and 30% accept both.
     model, prompt = small_vocab, ([3, 4, 2, 3, 3] if long_copies else [1, 4, 2, 1, 4] if lookup else [1, 4, 2, 3])
@@ -252,7 +256,8 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
             batch, stats = generate_speculative(model, drafter, [prompt] * n, length, PARAMS, [[-1]] * n,
                                                 seeds, step_mode(mode),
                                                 SpecConfig(verify_threshold=0.0, lookup=lookup,
-                                                           lookup_len=2 * long_copies, long_copy_batch=n))
+                                                           lookup_len=2 * long_copies, long_copy_batch=n,
+                                                           tree_nodes=4 * tree))
             assert stats.mean_accepted > 1.0  # drafts were accepted, so the accept/reject paths both ran
             assert not long_copies or stats.accept_histogram[3] > 0   # a copy of 2 accepted whole, bonus after it
             assert (stats.lookup_drafts > 0) == lookup

@@ -9,7 +9,7 @@ from flexdraft.batch import Stats
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import Drafts, SpecConfig, tree_step
-from flexdraft.tree import accept_greedy, build_tree, chain_tree, compact
+from flexdraft.tree import build_tree, chain_tree, compact, greedy_choice, walk
 from helpers import random_prompts, tiny_target
 from kernels import backend
 from kernels.block_attention import tree_step_arguments
@@ -89,12 +89,12 @@ def test_walk_accepts_the_path_the_target_agrees_with():
     tree.depth = torch.tensor([[1, 1, 2, 2, 3]] * 2)
     argmax = torch.tensor([[5, 8, 40, 41, 9, 42],      # root wants 5 (slot 1), slot 1 wants 8 (slot 4), slot 4 wants 9
                            [6, 1, 2, 3, 4, 5]])        # root wants 6 (slot 2), slot 2 wants 2: no child
-    out, accept_len, path, new_len = accept_greedy(tree, argmax, torch.tensor([10, 20]))
+    out, accept_len, path, new_len = walk(tree, greedy_choice(argmax), torch.tensor([10, 20]))
     assert accept_len.tolist() == [3, 1] and new_len.tolist() == [14, 22]
     assert out.tolist() == [[5, 8, 9, 42], [6, 2, -1, -1]]
     assert path.tolist() == [[1, 4, 5], [2, 0, 0]]
     tree.valid = torch.tensor([[True, True, True, False, True]] * 2)   # padding is never accepted
-    assert accept_greedy(tree, argmax, torch.tensor([10, 20]))[1].tolist() == [1, 1]
+    assert walk(tree, greedy_choice(argmax), torch.tensor([10, 20]))[1].tolist() == [1, 1]
 
 
 def test_tree_attention_equals_each_path_run_alone():
@@ -142,7 +142,7 @@ def test_tree_attention_equals_each_path_run_alone():
             parent = int(tree.parents[row, at - 1])
             argmax[row, parent] = tree.tokens[row, at - 1]
             at = parent
-    out, accept_len, path, new_len = accept_greedy(tree, argmax, lengths)
+    out, accept_len, path, new_len = walk(tree, greedy_choice(argmax), lengths)
     compact(cache, lengths, path, accept_len)
     for row in range(2):
         seq = prompts[row] + [int(bonus[row])] + list(paths[row][deepest[row]])

@@ -51,9 +51,10 @@ def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_toke
     for first in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[first: first + batch_size]
         # Sequential and parallel steps draft the same tokens; sequential is the cheaper way to verify all of them.
+        # The harness models chains of drafts: no trees (SpecConfig.tree_nodes) here.
         generate_speculative(model, drafter, chunk, max_new_tokens, SamplingParams(), [stop_ids] * len(chunk),
-                             torch.arange(len(chunk)), "sequential", SpecConfig(verify_threshold=0.0, lookup_len=0),
-                             trace=trace)
+                             torch.arange(len(chunk)), "sequential",
+                             SpecConfig(verify_threshold=0.0, lookup_len=0, tree_nodes=0), trace=trace)
     full = drafter.block_size - 1
     accepted, confidence = [], []
     for step in trace:

@@ -205,7 +205,8 @@ def op_call(op: str, model, drafter, cache, batch: int, tokens: int, context: in
     ids = torch.randint(0, vocab, (batch, tokens), generator=g).to(device)
     positions = (context + torch.arange(tokens))[None, :].expand(batch, -1).to(device)
     lengths = torch.full((batch,), context, dtype=torch.int64, device=device)
-    greedy, spec, streams = SamplingParams(), SpecConfig(), Streams(torch.arange(batch))
+    # Steps of chains, as the harness models them (no trees: SpecConfig.tree_nodes).
+    greedy, spec, streams = SamplingParams(), SpecConfig(tree_nodes=0), Streams(torch.arange(batch))
     drafts = Drafts(torch.randint(0, vocab, (batch, block - 1), generator=g).to(device),
                     torch.rand(batch, block - 1, generator=g).to(device), None)
     num_drafts = torch.full((batch,), tokens - 1, dtype=torch.int64, device=device)

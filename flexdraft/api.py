@@ -14,6 +14,7 @@ import torch
 from flexdraft.batch import Stats
 from flexdraft.errors import FlexDraftError
 from flexdraft.lookup import COPY_LEN
+from flexdraft.tree import TREE_NODES
 from flexdraft.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -151,7 +152,7 @@ class FlexDraft:
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 1, raw: bool = False,
                  verify_threshold: float = 0.01, verify_strategy: str = "cumulative_product",
                  calibration: bool = True, lookup: bool = True, lookup_len: int = COPY_LEN,
-                 tree_nodes: int = 0) -> GenerationResult:
+                 tree_nodes: int = TREE_NODES) -> GenerationResult:
         from flexdraft.generate import generate_ar
         from flexdraft.speculative import SpecConfig, generate_speculative
 

@@ -12,6 +12,7 @@ from experiments.cli import add_parsers as add_experiment_parsers
 from flexdraft.data import ORDERS
 from flexdraft.errors import FlexDraftError
 from flexdraft.lookup import COPY_LEN
+from flexdraft.tree import TREE_NODES
 from kernels import backend
 
 
@@ -62,9 +63,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-len", type=int, default=COPY_LEN,
                    help=f"tokens a prompt-lookup copy drafts while one sequence is decoding (default {COPY_LEN}); "
                    "in a batch, copies draft the drafter's block size - 1, and never fewer")
-    p.add_argument("--tree-nodes", type=int, default=0,
+    p.add_argument("--tree-nodes", type=int, default=TREE_NODES,
                    help="sequential steps verify a tree of up to this many drafts, the likeliest paths through "
-                   "each block position's candidates (default 0: a chain of the likeliest drafts)")
+                   "each block position's candidates, at batch 1 (default %(default)s; 0: a chain of the likeliest drafts)")
     add_device_arg(p)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from flexdraft.lookup import COPY_LEN, PromptLookup
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, probabilities, sample
-from flexdraft.tree import DraftTree, build_tree, compact, greedy_choice, walk
+from flexdraft.tree import TREE_NODES, DraftTree, build_tree, compact, greedy_choice, walk
 from kernels.block_attention import tree_step_arguments
 from kernels.draft_head import calibrated_logits, draft_head
 from kernels.verify import verify_greedy, verify_sampling
@@ -51,8 +51,10 @@ class SpecConfig:
     lookup_len: int = COPY_LEN
     long_copy_batch: int = 1
     # Sequential steps verify a tree of up to this many drafts (flexdraft/tree.py): the likeliest paths through
-    # each slot's candidates whose probability reaches the verify threshold. 0: a chain of the likeliest drafts.
-    tree_nodes: int = 0
+    # each slot's candidates whose probability reaches the verify threshold; 0: a chain. Trees run up to a batch of
+    # ``tree_batch`` rows: each node is a query row of the target's pass, and a batch multiplies them.
+    tree_nodes: int = TREE_NODES
+    tree_batch: int = 1
 
     def __post_init__(self):
         if self.tree_nodes < 0:
@@ -154,7 +156,7 @@ def next_drafts(model: Transformer, drafter: Drafter, block_hidden: torch.Tensor
     bonus_emb = model.embed[bonus].repeat_interleave(Bs - 1, dim=0)
     lm_head, calibration = drafter.head_weights(model)   # lm_head: the rows of the draft vocabulary
     calibration = calibration if spec.calibration else None
-    if spec.tree_nodes:
+    if spec.tree_nodes and B <= spec.tree_batch:
         # A tree step needs each slot's likeliest candidates, not one draft: the head's logits in full. The
         # candidates are certain proposals (not samples of q), so a chain of them verifies as copies do: q one-hot.
         logits = calibrated_logits(slots, model.norm, model.config.rms_norm_eps, lm_head, bonus_emb, calibration)
@@ -310,6 +312,8 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     ``trace`` (a list, optional) receives one dict per step: mode, drafts' confidence [B, Bs-1], num_drafts and
     accept_len [B] (CPU tensors; None for an ``ar`` step). The roofline harness reads acceptance profiles from it."""
     choose_mode = mode if callable(mode) else (lambda _batch_size: mode)
+    if mode == "parallel":   # its steps verify chains: drafts need no tree candidates
+        spec = replace(spec, tree_nodes=0)
     device = model.device
     block = drafter.block_size
     most_drafts = max(block - 1, spec.lookup_len if spec.lookup else 0)   # per row and step
@@ -357,7 +361,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
         step = STEPS[step_mode]
-        if step_mode == "sequential" and drafts.top is not None:
+        if step_mode == "sequential" and drafts.top is not None and batch.size <= spec.tree_batch:
             # The tree's paths reach as deep as the chain would verify, and a copy as far as it runs.
             step, num_drafts = tree_step, build_tree(
                 *drafts.top, max(spec.tree_nodes, drafts.tokens.shape[1]),

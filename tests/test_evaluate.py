@@ -1,4 +1,5 @@
 """``flexdraft evaluate``: every configuration measured on the same prompts, lossless against ar, and its report."""
+import itertools
 import json
 
 import pytest
@@ -31,9 +32,10 @@ def test_evaluate_runs_every_configuration_losslessly():
 
     quick = evaluate(fd, {"MT-bench": mtbench_prompts()[:1]}, max_new_tokens=12, log=lambda m: None,
                      configs=QUICK_CONFIGS)["MT-bench"]
-    assert set(quick) == {"ar", "parallel"}
-    for key in ("mean_accepted", "new_tokens", "accept_histogram", "outputs_differing_from_ar"):
-        assert quick["parallel"][key] == rows["parallel"][key]   # the same figures as in the whole run
+    assert set(quick) == {"ar", "sequential", "parallel"}
+    for key, config in itertools.product(("mean_accepted", "new_tokens", "accept_histogram",
+                                          "outputs_differing_from_ar"), ("sequential", "parallel")):
+        assert quick[config][key] == rows[config][key]   # the same figures as in the whole run
     assert "| parallel, no lookup |" not in markdown({"MT-bench": quick}, meta)
 
 

@@ -63,7 +63,7 @@ def some_tokens(vocab_size: int, count: int, seed: int) -> list[int]:
 # every batch size (by default only where one row is left); the drafter alone; sequential steps verifying trees of
 # the drafter's candidates and long copies.
 DRAFTING = {"lookup": dict(lookup=True, lookup_len=0), "long-copies": dict(lookup=True, long_copy_batch=8),
-            "drafter-alone": dict(lookup=False), "trees": dict(lookup=True, long_copy_batch=8, tree_nodes=7)}
+            "drafter-alone": dict(lookup=False), "trees": dict(lookup=True, long_copy_batch=8, tree_nodes=7, tree_batch=8)}
 
 
 @pytest.mark.parametrize("drafting", DRAFTING)
@@ -98,7 +98,7 @@ def test_parallel_and_sequential_draft_the_same_tokens(target):
     prompts = random_prompts(target.config.vocab_size, [4, 9, 2], seed=7)
     drafter = Drafter.initialise(target, num_tuned_layers=3, block_size=5, seed=1)
     runs = [generate_speculative(target, drafter, prompts, 24, SamplingParams(), [[-1]] * 3, torch.arange(3), m,
-                                 SpecConfig(verify_threshold=0.0)) for m in ("parallel", "sequential")]
+                                 SpecConfig(verify_threshold=0.0, tree_nodes=0)) for m in ("parallel", "sequential")]
     assert runs[0][1].accept_histogram == runs[1][1].accept_histogram
     assert runs[0][1].mask_tokens > runs[1][1].mask_tokens  # parallel pays for v + 1 groups
 
@@ -154,7 +154,8 @@ def test_widened_drafts_pad_empty_slots_and_replaced_rows_take_longer_copies():
 
 def test_long_copies_gain_more_than_a_block_per_step_on_repetitive_output():
     """The tiny random target falls into loops: at batch 1, copies of up to 12 tokens accept runs the drafter's block
-    of 3 drafts cannot, and the output stays the target's own. In a batch of 2, copies stay within the block."""
+    of 3 drafts cannot, and the output stays the target's own. In a batch of 2, copies stay within the block. (Chains
+    only: a tree step would accept more than the parallel step it is compared with.)"""
     model = tiny_target("qwen3", seed=5)[0]
     prompts = random_prompts(model.config.vocab_size, [3 + (5 * i) % 11 for i in range(6)], seed=8)
     expected, _ = generate_ar(model, prompts, 40, SamplingParams(), [[-1]] * 6, torch.arange(6))
@@ -166,7 +167,7 @@ def test_long_copies_gain_more_than_a_block_per_step_on_repetitive_output():
             rows = range(first, first + batch_size)
             got, stats = generate_speculative(model, drafter, prompts[first: first + batch_size], 40, SamplingParams(),
                                               [[-1]] * batch_size, torch.arange(batch_size), mode,
-                                              SpecConfig(0.0, lookup_len=lookup_len), trace=trace)
+                                              SpecConfig(0.0, lookup_len=lookup_len, tree_nodes=0), trace=trace)
             assert got.results()[0] == [expected.results()[0][i] for i in rows]
             merge_stats(total, stats)
         return total, trace
@@ -257,7 +258,7 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
                                                 seeds, step_mode(mode),
                                                 SpecConfig(verify_threshold=0.0, lookup=lookup,
                                                            lookup_len=2 * long_copies, long_copy_batch=n,
-                                                           tree_nodes=4 * tree))
+                                                           tree_nodes=4 * tree, tree_batch=n))
             assert stats.mean_accepted > 1.0  # drafts were accepted, so the accept/reject paths both ran
             assert not long_copies or stats.accept_histogram[3] > 0   # a copy of 2 accepted whole, bonus after it
             assert (stats.lookup_drafts > 0) == lookup
@@ -289,5 +290,5 @@ def test_property_greedy_lossless(family, layers, tuned, block, threshold, strat
     got, _ = generate_speculative(model, drafter, prompts, max_new, SamplingParams(), stops,
                                   torch.arange(len(prompts)), step_mode(mode),
                                   SpecConfig(threshold, strategy, calibration, lookup_len=lookup_len,
-                                             tree_nodes=tree_nodes))
+                                             tree_nodes=tree_nodes, tree_batch=6))
     assert got.results() == expected.results()

@@ -74,16 +74,17 @@ def attention_inputs(batch: int, mode: str, *, head_dim: int, heads: int, kv_hea
     """Keyword arguments of ``block_attention`` for one step of ``mode`` over a ragged batch.
 
     decode: 1 clean token; sequential: one mask group (num_clean 0) seeing the cache; parallel: ``drafts + 1`` clean
-    tokens [bonus, d_1..d_v] and ``drafts + 1`` mask groups, group a anchored on clean token a; prefill: ``cache_len``
-    clean tokens, causal from slot 0. Sequence b holds ``cache_len - (37 * b) % (cache_len // 4 + 1)`` cached tokens
+    tokens [bonus, d_1..d_v] and ``drafts + 1`` mask groups, group a anchored on clean token a; tree: the bonus and
+    ``drafts`` nodes of a binary tree (node j's parent is (j - 1) // 2), each seeing the cache and its ancestors;
+    prefill: ``cache_len`` clean tokens, causal from slot 0. Sequence b holds ``cache_len - (37 * b) % (cache_len // 4 + 1)`` cached tokens
     before the step, so limits are ragged. The cache is a strided view of a ``[layers, B, Hkv, S, D]`` tensor.
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     if mode == "prefill":
         num_clean, num_groups, cached = cache_len, 0, torch.zeros(batch, dtype=torch.int64)
     else:
-        num_clean = {"decode": 1, "sequential": 0, "parallel": drafts + 1}[mode]
-        num_groups = {"decode": 0, "sequential": 1, "parallel": drafts + 1}[mode]
+        num_clean = {"decode": 1, "sequential": 0, "parallel": drafts + 1, "tree": drafts + 1}[mode]
+        num_groups = {"decode": 0, "sequential": 1, "parallel": drafts + 1, "tree": 0}[mode]
         cached = cache_len - (37 * torch.arange(batch)) % (cache_len // 4 + 1)
     num_masks = num_groups * group_size
     T = num_clean + num_masks
@@ -100,10 +101,16 @@ def attention_inputs(batch: int, mode: str, *, head_dim: int, heads: int, kv_hea
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     k_all, v_all = rnd(layers, batch, kv_heads, S, head_dim), rnd(layers, batch, kv_heads, S, head_dim)
-    return dict(q=rnd(batch, T, heads, head_dim), k_cache=k_all[layers - 1], v_cache=v_all[layers - 1],
-                kv_limit=kv_limit, k_mask=rnd(batch, num_masks, kv_heads, head_dim) if num_masks else None,
-                v_mask=rnd(batch, num_masks, kv_heads, head_dim) if num_masks else None,
-                num_clean=num_clean, group_size=group_size if num_masks else 1)
+    x = dict(q=rnd(batch, T, heads, head_dim), k_cache=k_all[layers - 1], v_cache=v_all[layers - 1],
+             kv_limit=kv_limit, k_mask=rnd(batch, num_masks, kv_heads, head_dim) if num_masks else None,
+             v_mask=rnd(batch, num_masks, kv_heads, head_dim) if num_masks else None,
+             num_clean=num_clean, group_size=group_size if num_masks else 1)
+    if mode == "tree":
+        bits = [1]
+        for j in range(1, T):
+            bits.append(bits[(j - 1) // 2] | (1 << j))
+        x["tree"] = torch.tensor(bits, dtype=torch.int64, device=device).expand(batch, -1).contiguous()
+    return x
 
 
 def attention_bytes(inputs: dict) -> int:

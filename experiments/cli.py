@@ -197,7 +197,8 @@ def print_crossover(entry: dict, file=None) -> None:
     # 'thresh': the verification threshold each speculative mode is predicted best at
     print(f"{'batch':>6}{'ar':>10}{'sequential':>12}{'thresh':>8}{'parallel':>10}{'thresh':>8}  choice", file=file)
     for b, row in sorted(pred["by_batch"].items(), key=lambda kv: int(kv[0])):
-        thresh = {m: row[m].get("verify_threshold") for m in ("sequential", "parallel")}
+        thresh = {m: "tree" if row[m].get("tree_nodes") else row[m].get("verify_threshold")
+                  for m in ("sequential", "parallel")}
         print(f"{int(b):>6}{row['ar']['tokens_per_s']:>10.1f}{row['sequential']['tokens_per_s']:>12.1f}"
               f"{thresh['sequential'] if thresh['sequential'] is not None else '-':>8}"
               f"{row['parallel']['tokens_per_s']:>10.1f}{thresh['parallel'] if thresh['parallel'] is not None else '-':>8}"

@@ -2,10 +2,13 @@
 
 - ``measure_acceptance`` runs the engine on held-out prompts verifying every draft (threshold 0) and keeps, per
   sequence and step, the drafts' confidences and how many were accepted (``acceptance_from_stats`` takes a stats
-  JSON's histogram instead: no confidences, so no threshold can be tuned from it).
+  JSON's histogram instead: no confidences, so no threshold can be tuned from it). A second run verifies trees of
+  drafts as sequential steps do at small batch (``SpecConfig.tree_nodes``): per sequence and step, the nodes verified
+  and the drafts accepted (the profile's ``tree``).
 - ``predict_decode`` combines them with the cost table into tokens per step, seconds per step and tokens/s of
   ``ar``, ``sequential`` and ``parallel`` at a batch size and verification threshold. A step verifies the batch's
-  longest verify length, so the step cost uses the maximum over the batch's rows (drawn from the profile).
+  longest verify length, so the step cost uses the maximum over the batch's rows (drawn from the profile). Where
+  sequential steps verify trees (batch <= ``tree["batch"]``), ``predict_tree`` predicts them instead.
 - ``crossover`` picks, per batch size, the best threshold of each mode and the best mode; the crossover batch is
   the smallest from which sequential is never behind parallel.
 - The result lives in ``experiments/store/<device-slug>.json`` under a key naming the target, its dtype and the
@@ -47,21 +50,31 @@ def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_toke
     from flexdraft.sampling import SamplingParams
     from flexdraft.speculative import SpecConfig, generate_speculative
 
-    trace = []
-    for first in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[first: first + batch_size]
-        # Sequential and parallel steps draft the same tokens; sequential is the cheaper way to verify all of them.
-        # The harness models chains of drafts: no trees (SpecConfig.tree_nodes) here.
-        generate_speculative(model, drafter, chunk, max_new_tokens, SamplingParams(), [stop_ids] * len(chunk),
-                             torch.arange(len(chunk)), "sequential",
-                             SpecConfig(verify_threshold=0.0, lookup_len=0, tree_nodes=0), trace=trace)
+    def traced(spec: SpecConfig) -> list[dict]:
+        trace = []
+        for first in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[first: first + batch_size]
+            generate_speculative(model, drafter, chunk, max_new_tokens, SamplingParams(), [stop_ids] * len(chunk),
+                                 torch.arange(len(chunk)), "sequential", spec, trace=trace)
+        return trace
+
+    # Sequential and parallel steps draft the same tokens; sequential is the cheaper way to verify all of them.
     full = drafter.block_size - 1
     accepted, confidence = [], []
-    for step in trace:
+    for step in traced(SpecConfig(verify_threshold=0.0, lookup_len=0, tree_nodes=0)):
         keep = step["num_drafts"] == full        # rows near max_new_tokens verify fewer: their acceptance is censored
         accepted += step["accept_len"][keep].tolist()
         confidence += step["confidence"][keep].float().round(decimals=4).tolist()
+    # Trees as the engine verifies them by default (its threshold and node budget), here at every batch size: a
+    # row's tree does not depend on the batch. Nodes per row and step are recorded, not a verify length.
+    tree_spec = SpecConfig(lookup_len=0, tree_batch=batch_size)
+    tree = {"nodes": tree_spec.tree_nodes, "threshold": tree_spec.verify_threshold, "batch": SpecConfig().tree_batch,
+            "accepted": [], "verified": []}
+    for step in traced(tree_spec):
+        tree["accepted"] += step["accept_len"].tolist()
+        tree["verified"] += step["num_drafts"].tolist()
     return {"block_size": drafter.block_size, "accepted": accepted, "confidence": confidence,
+            "tree": tree if tree_spec.tree_nodes else None,
             "source": source or f"engine, greedy, {len(prompt_ids)} prompts, {max_new_tokens} new tokens"}
 
 
@@ -95,9 +108,35 @@ def verify_lengths(profile: dict, threshold: float | None, strategy: str = STRAT
     return verify_len(conf, SpecConfig(threshold, strategy)).numpy()
 
 
+def predict_tree(costs: CostTable, profile: dict, batch: int, context: float = 256, samples: int = 400,
+                 seed: int = 0) -> dict:
+    """Sequential steps that verify trees (``profile["tree"]``): a step gains each row's accepted drafts + 1 and verifies
+    the batch's largest tree. Its cost is the chain step's over a full block plus the target pass's extra query
+    tokens (the ``target`` op's; the tree's visibility and the cache compaction are not timed apart)."""
+    tree, block = profile["tree"], profile["block_size"]
+    accepted, verified = np.asarray(tree["accepted"]), np.asarray(tree["verified"])
+    rows = np.random.default_rng(seed).integers(0, accepted.size, (samples, batch))
+    gained = (1 + accepted[rows]).sum(axis=1)
+    chain = step_seconds(costs, "sequential", batch, block, context) - costs.time("target", batch, block, context)
+    by_nodes = {int(n): chain + costs.time("target", batch, int(n) + 1, context)
+                for n in np.unique(verified[rows].max(axis=1))}
+    step = float(np.mean([by_nodes[int(n)] for n in verified[rows].max(axis=1)]))
+    return {"tokens_per_step": float(gained.mean()), "step_s": step, "tokens_per_s": float(gained.mean()) / step,
+            "verify_len": float(verified[rows].mean()), "tree_nodes": tree["nodes"]}
+
+
+def trees_at(profile: dict, mode: str, batch: int) -> bool:
+    """Whether the engine's ``mode`` steps verify trees at this batch size, and the profile says what they accept."""
+    tree = profile.get("tree")
+    return mode == "sequential" and bool(tree) and bool(tree["accepted"]) and batch <= tree["batch"]
+
+
 def predict_decode(costs: CostTable, profile: dict, mode: str, batch: int, threshold: float | None = None,
                    context: float = 256, strategy: str = STRATEGY, samples: int = 400, seed: int = 0) -> dict:
-    """Steady-state decoding at a constant batch: tokens per step, seconds per step and tokens/s."""
+    """Steady-state decoding at a constant batch: tokens per step, seconds per step and tokens/s. ``threshold`` does
+    not apply to tree steps (measured at the engine's default threshold)."""
+    if trees_at(profile, mode, batch):
+        return predict_tree(costs, profile, batch, context, samples, seed)
     if mode == "ar":
         step = step_seconds(costs, "ar", batch, 1, context)
         return {"tokens_per_step": float(batch), "step_s": step, "tokens_per_s": batch / step, "verify_len": 0.0}
@@ -138,8 +177,10 @@ def crossover(costs: CostTable, profile: dict, batches, context: float, strategy
     for b in batches:
         row = {"ar": predict_decode(costs, profile, "ar", b, None, context, strategy)}
         for mode in SPEC_MODES:
+            # Tree steps were measured at the engine's default threshold: None keeps it.
+            tried = (None,) if trees_at(profile, mode, b) else thresholds
             row[mode] = max(({**predict_decode(costs, profile, mode, b, t, context, strategy), "verify_threshold": t}
-                             for t in thresholds), key=lambda p: p["tokens_per_s"])
+                             for t in tried), key=lambda p: p["tokens_per_s"])
         choice = max(SPEC_MODES, key=lambda m: row[m]["tokens_per_s"])
         if row[choice]["tokens_per_s"] < margin * row["ar"]["tokens_per_s"]:
             choice = "ar"

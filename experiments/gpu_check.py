@@ -304,7 +304,8 @@ def attention_cases(check: Check) -> list[dict]:
     if check.dry_run:
         m = dict(head_dim=16, heads=4, kv_heads=2)
         return [dict(model="tiny", mode=mode, batch=2, cache_len=48, drafts=2, group_size=4, flex=True, **m)
-                for mode in ("decode", "sequential", "parallel", "prefill")]
+                for mode in ("decode", "sequential", "parallel", "prefill")] + [
+            dict(model="tiny", mode="tree", batch=2, cache_len=48, drafts=6, group_size=4, flex=False, **m)]
     cases = []   # flex: also time FlexAttention (each shape costs a torch.compile; the budget decides how many)
     for model, m in (("smollm2-135m", DECODERS["smollm2-135m"]), ("llama-3-8b/qwen3-8b", DECODERS["qwen3-8b"])):
         dims = dict(model=model, head_dim=m.head_dim, heads=m.heads, kv_heads=m.kv_heads, group_size=16)
@@ -315,6 +316,7 @@ def attention_cases(check: Check) -> list[dict]:
             cases.append(dict(dims, mode="decode", batch=batch, cache_len=4096, drafts=15, flex=False))
             cases.append(dict(dims, mode="sequential", batch=batch, cache_len=1024, drafts=15, flex=batch == 64))
             cases.append(dict(dims, mode="parallel", batch=batch, cache_len=1024, drafts=15, flex=batch == 1))
+            cases.append(dict(dims, mode="tree", batch=batch, cache_len=1024, drafts=15, flex=False))
         cases.append(dict(dims, mode="prefill", batch=4, cache_len=512, drafts=15, flex=False))
     return cases
 
@@ -361,7 +363,7 @@ def bench_attention(check: Check) -> list[dict]:
     import torch.nn.functional as F
 
     from autotune.spaces import attention_bytes, attention_flops, attention_inputs
-    from kernels.block_attention import block_attention_reference, block_attention_triton, visibility
+    from kernels.block_attention import block_attention_reference, block_attention_triton, tree_visibility, visibility
     rows, flex_budget = [], 0.4 * check.left()
     flex_spent = 0.0
     for case in attention_cases(check):
@@ -395,7 +397,8 @@ def bench_attention(check: Check) -> list[dict]:
             if num_masks:
                 keys = torch.cat([keys, x["k_mask"].transpose(1, 2)], dim=2)
                 values = torch.cat([values, x["v_mask"].transpose(1, 2)], dim=2)
-            allowed = visibility(x["kv_limit"], extent, x["num_clean"], num_masks, x["group_size"])
+            allowed = (visibility(x["kv_limit"], extent, x["num_clean"], num_masks, x["group_size"])
+                       if x.get("tree") is None else tree_visibility(x["kv_limit"], x["tree"], extent))
             qt = x["q"].transpose(1, 2)
             def sdpa():
                 return F.scaled_dot_product_attention(qt, keys, values, attn_mask=allowed, enable_gqa=True)

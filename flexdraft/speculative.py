@@ -31,7 +31,7 @@ from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, probabilities, sample
 from flexdraft.tree import TREE_NODES, DraftTree, build_tree, compact, greedy_choice, walk
-from kernels.block_attention import tree_step_arguments
+from kernels.block_attention import MAX_TREE_SLOTS, tree_step_arguments
 from kernels.draft_head import calibrated_logits, draft_head
 from kernels.verify import verify_greedy, verify_sampling
 
@@ -57,8 +57,8 @@ class SpecConfig:
     tree_batch: int = 1
 
     def __post_init__(self):
-        if self.tree_nodes < 0:
-            raise ValueError(f"--tree-nodes must be at least 0, got {self.tree_nodes}")
+        if not 0 <= self.tree_nodes < MAX_TREE_SLOTS:
+            raise ValueError(f"--tree-nodes must be in [0, {MAX_TREE_SLOTS - 1}], got {self.tree_nodes}")
         if self.lookup_len < 0:
             raise ValueError(f"--lookup-len must be at least 0, got {self.lookup_len}")
         if self.verify_strategy not in VERIFY_STRATEGIES:
@@ -362,9 +362,10 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
         step = STEPS[step_mode]
         if step_mode == "sequential" and drafts.top is not None and batch.size <= spec.tree_batch:
-            # The tree's paths reach as deep as the chain would verify, and a copy as far as it runs.
+            # The tree's paths reach as deep as the chain would verify, and a copy as far as it runs (within the
+            # slots a tree step holds).
             step, num_drafts = tree_step, build_tree(
-                *drafts.top, max(spec.tree_nodes, drafts.tokens.shape[1]),
+                *drafts.top, min(max(spec.tree_nodes, drafts.tokens.shape[1]), MAX_TREE_SLOTS - 1),
                 spec.verify_threshold if threshold is None else threshold, max_depth=num_drafts)
         if trace is not None:
             trace.append({"mode": step_mode, "confidence": None if drafts is None else drafts.confidence.cpu(),

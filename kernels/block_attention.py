@@ -6,7 +6,10 @@ Visibility comes from index rules, never from a stored mask:
 * every query t of row b sees cache slots ``j <= kv_limit[b, t]`` (the cache already holds this step's clean K/V,
   so for a clean token ``kv_limit`` is its own position: causal; for a mask it is its group's anchor position);
 * a mask query additionally sees the masks of its own group (bidirectional), whose K/V come from the drafter's
-  projections and are never written to the cache; clean queries never see masks.
+  projections and are never written to the cache; clean queries never see masks;
+* a tree step (``tree`` [B, T] int64, no masks; ``flexdraft/tree.py``) writes query t at slot ``kv_limit[b, t]``,
+  consecutive from the root's ``kv_limit[b, 0]``; of the step's own slots a query sees only those set in its bitmask
+  (bit i: slot ``kv_limit[b, 0] + i``, an ancestor or itself), so T <= 64.
 
 Shapes (any float dtype; the cache tensors may be strided views into the ``[layers, B, Hkv, S, D]`` cache):
   q        [B, T, Hq, D]      T = num_clean + num_masks
@@ -15,6 +18,7 @@ Shapes (any float dtype; the cache tensors may be strided views into the ``[laye
   kv_limit [B, T] int         >= 0, < S
   k_mask   [B, num_masks, Hkv, D] or None
   v_mask   [B, num_masks, Hkv, D] or None
+  tree     [B, T] int64 or None
   returns  [B, T, Hq, D]
 
 The Triton kernel (``block_attention_triton``, same signature) runs the whole step in one launch: each program owns a
@@ -49,9 +53,21 @@ def visibility(kv_limit: torch.Tensor, kv_extent: int, num_clean: int, num_masks
     return torch.cat([sees_cache, sees_masks], dim=-1)[:, None]
 
 
+MAX_TREE_SLOTS = 64   # a tree step's query tokens: one bit each in an int64
+
+
+def tree_visibility(kv_limit: torch.Tensor, tree: torch.Tensor, kv_extent: int) -> torch.Tensor:
+    """Boolean [B, 1, T, kv_extent] of a tree step: slot j <= kv_limit, and of the step's own slots (from the root's
+    ``kv_limit[:, 0]`` on) only those set in the query's ``tree`` bitmask."""
+    j = torch.arange(kv_extent, device=kv_limit.device)[None, None, :]
+    step = j - kv_limit[:, :1, None]                              # [B, 1, S]: slot - the root's slot
+    bit = (tree[:, :, None] >> step.clamp(0, MAX_TREE_SLOTS - 1)) & 1
+    return ((j <= kv_limit[:, :, None]) & ((step < 0) | (bit == 1)))[:, None]
+
+
 def block_attention_reference(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=None, *, num_clean: int,
                               group_size: int = 1, scale: float | None = None, kv_extent: int | None = None,
-                              allowed: torch.Tensor | None = None):
+                              allowed: torch.Tensor | None = None, tree: torch.Tensor | None = None):
     """Plain-PyTorch block attention (SDPA over the cache prefix that any query can see, plus the step's masks).
 
     ``kv_extent`` (optional) is ``max(kv_limit) + 1``; passing it avoids a host sync. ``allowed`` (optional, with
@@ -67,7 +83,8 @@ def block_attention_reference(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask
         keys = torch.cat([keys, k_mask.transpose(1, 2)], dim=2)
         values = torch.cat([values, v_mask.transpose(1, 2)], dim=2)
     if allowed is None:
-        allowed = visibility(kv_limit, kv_extent, num_clean, num_masks, group_size)
+        allowed = (visibility(kv_limit, kv_extent, num_clean, num_masks, group_size) if tree is None
+                   else tree_visibility(kv_limit, tree, kv_extent))
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return grouped_attention(q, keys, values, allowed, scale)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed, scale=scale,
@@ -120,17 +137,18 @@ def _attend_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr
 
 @triton.jit
 def _block_attention_kernel(
-        Q, K, V, KM, VM, LIM, O, O_PART, LSE_PART,
+        Q, K, V, KM, VM, LIM, TREE, O, O_PART, LSE_PART,
         sq_b, sq_t, sq_h, sq_d,
         sk_b, sk_h, sk_s, sk_d,
         sv_b, sv_h, sv_s, sv_d,
         skm_b, skm_m, skm_h, skm_d,
         svm_b, svm_m, svm_h, svm_d,
         sl_b, sl_t,
+        st_b, st_t,
         so_b, so_t, so_h, so_d,
         num_rows, num_heads_kv, group_heads, kv_end, num_clean, num_masks, group_size, num_splits, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_MASKS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+        HAS_MASKS: tl.constexpr, HAS_TREE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -152,6 +170,11 @@ def _block_attention_kernel(
     kv_limit = tl.minimum(kv_limit, kv_end - 1)
     lim_max = tl.max(tl.where(row_ok, kv_limit, -1), 0)
     lim_min = tl.min(tl.where(row_ok, kv_limit, kv_end), 0)
+    if HAS_TREE:
+        # Of the step's own slots a node sees only its ancestors: no tile past the root's slot is seen by all rows.
+        tree_root = tl.load(LIM + b * sl_b).to(tl.int32)
+        tree_bits = tl.load(TREE + b * st_b + t * st_t, mask=row_ok, other=0)
+        lim_min = tl.minimum(lim_min, tree_root)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -185,6 +208,10 @@ def _block_attention_kernel(
         v = tl.load(v_base + j[:, None] * sv_s + offs_d[None, :] * sv_d, mask=j_ok[:, None] & d_ok[None, :],
                     other=0.0)
         visible = j[None, :] <= kv_limit[:, None]
+        if HAS_TREE:
+            step = j[None, :] - tree_root
+            bit = (tree_bits[:, None] >> tl.minimum(tl.maximum(step, 0), 63).to(tl.int64)) & 1
+            visible = visible & ((step < 0) | (bit == 1))
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, True, IEEE)
 
     # Stage 3 (last split only): the step's mask K/V. A mask query sees its own mask_group, bidirectionally;
@@ -273,7 +300,8 @@ def num_cache_splits(programs: int, kv_end: int, device: torch.device) -> int:
 
 def block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=None, *, num_clean: int,
                            group_size: int = 1, scale: float | None = None, kv_extent: int | None = None,
-                           config: dict | None = None, out: torch.Tensor | None = None):
+                           tree: torch.Tensor | None = None, config: dict | None = None,
+                           out: torch.Tensor | None = None):
     """``block_attention_triton`` with an explicit launch ``config`` (the sweep and the tests use it) and an
     optional preallocated ``out`` [B, T, Hq, D]."""
     check_device(q.device)
@@ -289,6 +317,9 @@ def block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
     num_masks = 0 if k_mask is None else k_mask.shape[1]
     if num_masks and not (num_clean + num_masks == T and group_size >= 1):
         raise ValueError(f"T ({T}) must be num_clean ({num_clean}) + num_masks ({num_masks})")
+    if tree is not None and (num_masks or tree.shape != (B, T) or T > MAX_TREE_SLOTS):
+        raise ValueError(f"a tree step has no masks, a tree [B, T] = {[B, T]} and T <= {MAX_TREE_SLOTS}; got "
+                         f"{num_masks} masks and a tree of {list(tree.shape)}")
     group_heads = Hq // Hkv
     rows = T * group_heads
     cfg = config or lookup("block_attention", config_key(D, T, B, q.dtype), default_config(rows, D), q.device)
@@ -305,14 +336,16 @@ def block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
     else:
         o_part = lse_part = out   # unused
     km, vm = (k_mask, v_mask) if num_masks else (q, q)   # dummies with the right pointer type when there are none
+    tree_arg, st = (tree, tree.stride()) if tree is not None else (kv_limit, (0, 0))
     skm = k_mask.stride() if num_masks else (0, 0, 0, 0)
     svm = v_mask.stride() if num_masks else (0, 0, 0, 0)
     qk_scale = (D ** -0.5 if scale is None else scale) * 1.4426950408889634   # log2(e): softmax in exp2 space
     _block_attention_kernel[(m_tiles, B * Hkv, splits)](
-        q, k_cache, v_cache, km, vm, kv_limit, out, o_part, lse_part,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *skm, *svm, *kv_limit.stride(), *out.stride(),
+        q, k_cache, v_cache, km, vm, kv_limit, tree_arg, out, o_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *skm, *svm, *kv_limit.stride(), *st, *out.stride(),
         rows, Hkv, group_heads, kv_end, num_clean, num_masks, group_size, splits, qk_scale,
-        D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASKS=num_masks > 0, SPLIT=splits > 1,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASKS=num_masks > 0,
+        HAS_TREE=tree is not None, SPLIT=splits > 1,
         IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         _merge_splits_kernel[(m_tiles, B * Hkv)](
@@ -322,14 +355,15 @@ def block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
 
 
 def block_attention_triton(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=None, *, num_clean: int,
-                           group_size: int = 1, scale: float | None = None, kv_extent: int | None = None):
+                           group_size: int = 1, scale: float | None = None, kv_extent: int | None = None,
+                           tree: torch.Tensor | None = None):
     """The Triton kernel, same signature and semantics as ``block_attention_reference``; no host sync.
 
     ``kv_extent`` here only bounds the cache range (slots >= kv_extent are invisible, as in the reference).
     Launch settings come from the autotune store for this device, else ``default_config``.
     """
     return block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask, v_mask, num_clean=num_clean,
-                                  group_size=group_size, scale=scale, kv_extent=kv_extent)
+                                  group_size=group_size, scale=scale, kv_extent=kv_extent, tree=tree)
 
 
 def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1) -> dict:
@@ -351,22 +385,21 @@ def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1) 
 
 
 def tree_step_arguments(kv_len: torch.Tensor, ancestors: torch.Tensor) -> dict:
-    """``block_attention``'s arguments for a tree step (``flexdraft/tree.py``): slot t of row b is written at cache
-    slot ``kv_len[b] + t`` and sees the cache before the step plus the slots that ``ancestors`` [B, T, T] marks.
-
-    Reference only: the Triton kernel's visibility is a limit per query, which a tree's branches do not have."""
+    """``block_attention``'s arguments for a tree step (``flexdraft/tree.py``), built once for all layers: slot t of
+    row b is written at cache slot ``kv_len[b] + t`` and sees the cache before the step plus the slots that
+    ``ancestors`` [B, T, T] marks (T <= ``MAX_TREE_SLOTS``), as a bitmask per query."""
     from kernels import backend
 
-    if backend.use_triton():
-        raise NotImplementedError("tree verification runs on the torch backend only (the Triton block attention "
-                                  "has no tree visibility yet)")
     T = ancestors.shape[1]
+    if T > MAX_TREE_SLOTS:
+        raise ValueError(f"a tree step holds at most {MAX_TREE_SLOTS} tokens, got {T}")
     slots = kv_len[:, None] + torch.arange(T, device=kv_len.device)[None, :]
+    tree = (ancestors.to(torch.int64) << torch.arange(T, device=kv_len.device)).sum(dim=-1)
+    args = {"kv_limit": slots, "num_clean": T, "tree": tree}
+    if backend.use_triton():
+        return args
     kv_extent = int(slots.max()) + 1
-    step = torch.arange(kv_extent, device=kv_len.device)[None, :] - kv_len[:, None]          # [B, S]: slot - kv_len
-    in_step = ((step >= 0) & (step < T))[:, None, :] & ancestors.gather(2, step.clamp(0, T - 1)[:, None, :].expand(-1, T, -1))
-    allowed = (step < 0)[:, None, :] | in_step
-    return {"kv_limit": slots, "num_clean": T, "group_size": 1, "kv_extent": kv_extent, "allowed": allowed[:, None]}
+    return {**args, "kv_extent": kv_extent, "allowed": tree_visibility(slots, tree, kv_extent)}
 
 
 def block_attention(*args, **kwargs):

@@ -50,9 +50,9 @@ def timed(benchmark, fn):
 # ---- attention -------------------------------------------------------------------------------------------------------
 if ON_GPU:
     ATTENTION = [(model, mode, batch) for model in ("smollm2-135m", "qwen3-8b")
-                 for mode in ("decode", "sequential", "parallel") for batch in (1, 16, 64)]
+                 for mode in ("decode", "sequential", "parallel", "tree") for batch in (1, 16, 64)]
 else:
-    ATTENTION = [("tiny", mode, 2) for mode in ("decode", "sequential", "parallel")]
+    ATTENTION = [("tiny", mode, 2) for mode in ("decode", "sequential", "parallel", "tree")]
 
 
 def attention_case(model, mode, batch):

@@ -87,6 +87,25 @@ def test_prediction_counts_the_longest_verify_length_of_the_batch():
     assert many["step_s"] > one["step_s"]
 
 
+def test_tree_steps_are_predicted_from_the_tree_profile_where_the_engine_verifies_trees():
+    """At batch <= the profile's tree batch, sequential is predicted from what trees accepted and the nodes they
+    verified: the chain step over a full block plus the target pass's extra query tokens; above it, from the chain."""
+    costs = CostTable.from_rows(synthetic_costs())
+    chain = synthetic_profile(1.0)
+    tree = {**chain, "tree": {"nodes": 8, "threshold": 0.01, "batch": 1, "accepted": [3, 2, 3, 1] * 50,
+                              "verified": [8, 8, 6, 8] * 50}}
+    got = predict_decode(costs, tree, "sequential", 1, 0.1, 256)
+    assert got["tokens_per_step"] == pytest.approx(1 + 2.25) and got["verify_len"] == pytest.approx(7.5)
+    full = predict_decode(costs, chain, "sequential", 1, None, 256)   # a chain verifying all 15 drafts
+    assert got["step_s"] == pytest.approx(full["step_s"] - costs.time("target", 1, 16, 256)
+                                          + costs.time("target", 1, 9, 256))
+    assert predict_decode(costs, tree, "sequential", 2, 0.1, 256) == predict_decode(costs, chain, "sequential", 2,
+                                                                                     0.1, 256)
+    assert predict_decode(costs, tree, "parallel", 1, 0.1, 256) == predict_decode(costs, chain, "parallel", 1, 0.1, 256)
+    row = crossover(costs, tree, [1], context=256)["by_batch"][1]
+    assert row["sequential"]["verify_threshold"] is None and row["sequential"]["tree_nodes"] == 8
+
+
 def test_policy_between_batch_sizes_and_beyond():
     policy = FlexPolicy({1: ("parallel", 0.1), 3: ("sequential", None), 8: ("ar", None)}, "test")
     assert [policy(b)[0] for b in (1, 2, 3, 7, 8, 100)] == ["parallel", "parallel", "sequential", "sequential", "ar",

@@ -12,8 +12,9 @@ if not torch.cuda.is_available():   # before triton is imported: kernels run in 
 from kernel_utils import DEVICE, DTYPES, assert_close, gpu_only, poisoned_allocations, randn, seeded  # noqa: E402
 
 from kernels import backend  # noqa: E402
-from kernels.block_attention import (block_attention, block_attention_launch, block_attention_reference,  # noqa: E402
-                                     block_attention_triton, step_arguments)
+from kernels.block_attention import (MAX_TREE_SLOTS, block_attention, block_attention_launch,  # noqa: E402
+                                     block_attention_reference, block_attention_triton, step_arguments,
+                                     tree_step_arguments)
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "num_splits": 0}   # many tiles
 SPLIT = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "num_splits": 3}   # cache split 3 ways
@@ -131,6 +132,78 @@ def test_step_arguments_serve_every_layer(name, which):
     finally:
         backend.set_backend(previous)
     assert_close(out, block_attention_reference(**step, **shared))
+
+
+# ---- tree steps: each node sees the cache before the step and its own ancestors ----------------------------------
+def make_tree_step(dtype: torch.dtype, seed: int, slots: int = 12, batch: int = 3) -> tuple[dict, torch.Tensor]:
+    """A tree step of a ragged batch (random trees, parents before children) and, built directly from the parents,
+    the boolean ancestors [B, T, T] it encodes."""
+    Hq, Hkv, D, S = 6, 2, 16, 200
+    gen = seeded(seed)
+    parents = [[0] + [int(torch.randint(0, j, (1,), generator=gen)) for j in range(1, slots)] for _ in range(batch)]
+    ancestors = torch.zeros(batch, slots, slots, dtype=torch.bool)
+    for b in range(batch):
+        for t in range(slots):
+            at = t
+            ancestors[b, t, at] = True
+            while at:
+                at = parents[b][at]
+                ancestors[b, t, at] = True
+    kv_len = torch.randint(1, S - slots, (batch,), generator=gen)
+    kv_len[0] = 1
+    k_all, v_all = randn(3, batch, Hkv, S, D, gen=gen, dtype=dtype), randn(3, batch, Hkv, S, D, gen=gen, dtype=dtype)
+    q = randn(batch, Hq, slots, D, gen=gen, dtype=dtype).transpose(1, 2)
+    previous = backend.get_backend()
+    backend.set_backend("triton")
+    try:
+        args = tree_step_arguments(kv_len.to(DEVICE), ancestors.to(DEVICE))
+    finally:
+        backend.set_backend(previous)
+    return dict(q=q, k_cache=k_all[1], v_cache=v_all[1], **args), ancestors
+
+
+def attention_from_ancestors(step: dict, ancestors: torch.Tensor) -> torch.Tensor:
+    """The same step by masked SDPA, visibility built from the boolean ancestors rather than the bitmask."""
+    kv_len = step["kv_limit"][:, 0].cpu()
+    B, T = step["kv_limit"].shape
+    S = step["k_cache"].shape[2]
+    j = torch.arange(S)[None, None, :]
+    rel = j - kv_len[:, None, None]
+    own = (rel >= 0) & (rel < T) & ancestors.gather(2, rel.clamp(0, T - 1).expand(B, T, S))
+    allowed = ((rel < 0) | own)[:, None].to(DEVICE)
+    exact = {k: step[k].float() for k in ("q", "k_cache", "v_cache")}
+    out = torch.nn.functional.scaled_dot_product_attention(
+        exact["q"].transpose(1, 2), exact["k_cache"], exact["v_cache"], attn_mask=allowed, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("config", [SMALL, SPLIT], ids=["tiles", "split3"])
+@pytest.mark.parametrize("slots", [12, MAX_TREE_SLOTS], ids=["12-slots", "64-slots"])
+def test_tree_step_matches_reference_fp32(config, slots):
+    step, ancestors = make_tree_step(torch.float32, seed=slots, slots=slots)
+    out = run_poisoned(block_attention_launch, **step, config=config)
+    reference = block_attention_reference(**step)
+    assert_close(out, reference)
+    assert_close(reference, attention_from_ancestors(step, ancestors))   # the bitmask says what the parents say
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=["fp16", "bf16"])
+def test_tree_step_matches_reference_low_precision(dtype):
+    step, _ = make_tree_step(dtype, seed=3, slots=9, batch=2)
+    out = run_poisoned(block_attention_launch, **step, config=SMALL)
+    assert out.dtype == dtype
+    assert_close(out, block_attention_reference(**step), dtype)
+
+
+def test_tree_step_arguments_serve_the_reference_ready_made():
+    step, ancestors = make_tree_step(torch.float32, seed=5)
+    kv_len = step["kv_limit"][:, 0]
+    ready = tree_step_arguments(kv_len, ancestors.to(DEVICE))    # the torch backend: extent and visibility built
+    assert "allowed" in ready and torch.equal(ready["tree"], step["tree"])
+    tensors = {k: step[k] for k in ("q", "k_cache", "v_cache")}
+    assert_close(run_poisoned(block_attention, **tensors, **ready), block_attention_reference(**step))
+    with pytest.raises(ValueError, match="at most 64"):
+        tree_step_arguments(kv_len, torch.ones(3, 65, 65, dtype=torch.bool, device=DEVICE))
 
 
 # ---- GPU only: bf16 at the real shapes, default and tuned configs, automatic cache splits ------------------------

@@ -11,7 +11,6 @@ from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import Drafts, SpecConfig, tree_step
 from flexdraft.tree import build_tree, chain_tree, compact, greedy_choice, walk
 from helpers import random_prompts, tiny_target
-from kernels import backend
 from kernels.block_attention import tree_step_arguments
 
 
@@ -179,9 +178,3 @@ def test_tree_step_accepts_a_second_choice_and_keeps_decoding_exact():
     seq.append(int(model.logits(model(torch.tensor([seq]), torch.arange(len(seq))[None],
                                       model.new_cache(1, 40))[0])[0, -1].argmax()))
     assert int(logits[0, -1].argmax()) == seq[len(prompt) + 5]
-
-
-def test_tree_attention_refuses_the_triton_backend(monkeypatch):
-    monkeypatch.setattr(backend, "_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="torch backend"):
-        tree_step_arguments(torch.tensor([3]), torch.ones(1, 2, 2, dtype=torch.bool))

@@ -39,7 +39,10 @@ def run_all_modes(model, drafter, prompts, params):
     runs = {"ar": generate_ar(model, prompts, 6, params, stops, seeds)[0].results()}
     for mode in ("parallel", "sequential"):
         runs[mode] = generate_speculative(model, drafter, prompts, 6, params, stops, seeds, mode,
-                                          SpecConfig(verify_threshold=0.0))[0].results()
+                                          SpecConfig(verify_threshold=0.0, tree_nodes=0))[0].results()
+    runs["sequential-tree"] = generate_speculative(model, drafter, prompts, 6, params, stops, seeds, "sequential",
+                                                   SpecConfig(verify_threshold=0.0, tree_nodes=5, tree_batch=2)
+                                                   )[0].results()
     return runs
 
 

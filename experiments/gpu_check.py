@@ -363,7 +363,7 @@ def bench_attention(check: Check) -> list[dict]:
     import torch.nn.functional as F
 
     from autotune.spaces import attention_bytes, attention_flops, attention_inputs
-    from kernels.block_attention import block_attention_reference, block_attention_triton, tree_visibility, visibility
+    from kernels.block_attention import block_attention_reference, block_attention_triton, visibility
     rows, flex_budget = [], 0.4 * check.left()
     flex_spent = 0.0
     for case in attention_cases(check):
@@ -397,8 +397,7 @@ def bench_attention(check: Check) -> list[dict]:
             if num_masks:
                 keys = torch.cat([keys, x["k_mask"].transpose(1, 2)], dim=2)
                 values = torch.cat([values, x["v_mask"].transpose(1, 2)], dim=2)
-            allowed = (visibility(x["kv_limit"], extent, x["num_clean"], num_masks, x["group_size"])
-                       if x.get("tree") is None else tree_visibility(x["kv_limit"], x["tree"], extent))
+            allowed = visibility(x["kv_limit"], extent, x["num_clean"], num_masks, x["group_size"], x.get("tree"))
             qt = x["q"].transpose(1, 2)
             def sdpa():
                 return F.scaled_dot_product_attention(qt, keys, values, attn_mask=allowed, enable_gqa=True)

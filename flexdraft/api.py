@@ -152,7 +152,7 @@ class FlexDraft:
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 1, raw: bool = False,
                  verify_threshold: float = 0.01, verify_strategy: str = "cumulative_product",
                  calibration: bool = True, lookup: bool = True, lookup_len: int = COPY_LEN,
-                 tree_nodes: int = TREE_NODES) -> GenerationResult:
+                 tree_nodes: int = TREE_NODES, parallel_trees: bool = False) -> GenerationResult:
         from flexdraft.generate import generate_ar
         from flexdraft.speculative import SpecConfig, generate_speculative
 
@@ -165,7 +165,7 @@ class FlexDraft:
         try:
             params = SamplingParams(temperature, top_k, top_p)
             spec = SpecConfig(verify_threshold, verify_strategy, calibration, lookup, lookup_len,
-                              tree_nodes=tree_nodes)
+                              tree_nodes=tree_nodes, parallel_trees=parallel_trees)
         except ValueError as exc:
             raise FlexDraftError(str(exc)) from None
         if mode != "ar" and self.drafter is None:

@@ -66,6 +66,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-nodes", type=int, default=TREE_NODES,
                    help="sequential steps verify a tree of up to this many drafts, the likeliest paths through "
                    "each block position's candidates, at batch 1 (default %(default)s; 0: a chain of the likeliest drafts)")
+    p.add_argument("--parallel-trees", action="store_true",
+                   help="parallel steps verify trees too, with a mask group per node (slower on a CPU)")
     add_device_arg(p)
 
 
@@ -176,7 +178,8 @@ def command_generate(args) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          raw=args.raw, verify_threshold=args.verify_threshold,
                          verify_strategy=args.verify_strategy, calibration=not args.no_calibration,
-                         lookup=not args.no_lookup, lookup_len=args.lookup_len, tree_nodes=args.tree_nodes)
+                         lookup=not args.no_lookup, lookup_len=args.lookup_len, tree_nodes=args.tree_nodes,
+                         parallel_trees=args.parallel_trees)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0

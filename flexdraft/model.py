@@ -53,11 +53,13 @@ class KVCache:
 class MaskStream:
     """The mask tokens of a step: ``groups`` groups of ``group_size`` per sequence.
 
-    positions [B, Tm]: where each mask stands; anchors [B, Tm]: the last cache slot its group may see.
+    positions [B, Tm]: where each mask stands; anchors [B, Tm]: the last cache slot its group may see; tree [B, Tm]
+    (a tree step): the ancestor bitmask of the node its group is anchored at.
     """
     positions: torch.Tensor
     anchors: torch.Tensor
     group_size: int
+    tree: torch.Tensor | None = None
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -173,16 +175,16 @@ class Transformer(nn.Module):
     # ---- the forward pass ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 masks: MaskStream | None = None, drafter=None, stop_layer: int | None = None,
-                start: tuple[int, torch.Tensor] | None = None, tree_attention: dict | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                start: tuple[int, torch.Tensor] | None = None,
+                tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one step; returns the final hidden states of the clean tokens [B, Tc, h] and of the masks [B, Tm, h].
         ``stop_layer`` returns the residual stream entering that layer instead; ``start = (layer, hidden [B, Tc, h])``
         resumes the clean tokens from such a stored stream (training stores it once: the first layers never change).
 
         tokens, positions [B, Tc]: clean tokens (Tc may be 0: a draft-only pass starts at the split layer).
         Their K/V are written into the cache at their positions before attending, so causality is ``kv <= position``.
-        ``tree_attention`` (a tree step, ``kernels.block_attention.tree_step_arguments``; no masks) writes them at its
-        ``kv_limit`` slots instead and attends by its visibility: a tree's nodes share positions, not slots.
+        ``tree = (slots, bitmasks)`` [B, Tc] each (a tree step: its nodes share positions, not slots) writes them at
+        ``slots`` instead, and each sees, of the step's own slots, only its ancestors (``kernels.block_attention``).
         """
         num_clean = tokens.shape[1]
         if start is not None:
@@ -192,15 +194,16 @@ class Transformer(nn.Module):
             hidden = self.embed[tokens] if num_clean else None
         # What every layer of the step shares is built once here: RoPE tables, attention limits, the visibility.
         cos, sin = self.rope(positions) if num_clean else (None, None)
-        clean_step = tree_attention or (step_arguments(positions, num_clean) if num_clean else None)
-        write_at = positions if tree_attention is None else tree_attention["kv_limit"]
+        clean_limits, clean_tree = (positions, None) if tree is None else tree
+        clean_step = step_arguments(clean_limits, num_clean, tree=clean_tree) if num_clean else None
         if masks is not None:   # the tuned layers' queries: the clean tokens, then the masks
             cos_tuned, sin_tuned = self.rope(masks.positions)
-            tuned_limits = masks.anchors
+            tuned_limits, tuned_tree = masks.anchors, masks.tree
             if num_clean:
                 cos_tuned, sin_tuned = torch.cat([cos, cos_tuned], dim=1), torch.cat([sin, sin_tuned], dim=1)
-                tuned_limits = torch.cat([positions, tuned_limits], dim=1)
-            tuned_step = step_arguments(tuned_limits, num_clean, masks.group_size)
+                tuned_limits = torch.cat([clean_limits, tuned_limits], dim=1)
+                tuned_tree = None if clean_tree is None else torch.cat([clean_tree, masks.tree], dim=1)
+            tuned_step = step_arguments(tuned_limits, num_clean, masks.group_size, tuned_tree)
         for index in range(first, len(self.layers) if stop_layer is None else stop_layer):
             layer = self.layers[index]
             if masks is not None and index == drafter.split_layer:
@@ -222,7 +225,7 @@ class Transformer(nn.Module):
                 k_mask = v_mask = None
                 step = clean_step
             if num_clean:
-                cache.write(index, k, v, write_at)
+                cache.write(index, k, v, clean_limits)
             attn = block_attention(q, cache.k[index], cache.v[index], k_mask=k_mask, v_mask=v_mask, **step)
             if tuned:
                 out = layer.attn.output(attn[:, :num_clean]) if num_clean else None

@@ -31,7 +31,7 @@ from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, probabilities, sample
 from flexdraft.tree import TREE_NODES, DraftTree, build_tree, compact, greedy_choice, walk
-from kernels.block_attention import MAX_TREE_SLOTS, tree_step_arguments
+from kernels.block_attention import MAX_TREE_SLOTS, tree_bits
 from kernels.draft_head import calibrated_logits, draft_head
 from kernels.verify import verify_greedy, verify_sampling
 
@@ -55,6 +55,9 @@ class SpecConfig:
     # ``tree_batch`` rows: each node is a query row of the target's pass, and a batch multiplies them.
     tree_nodes: int = TREE_NODES
     tree_batch: int = 1
+    # Parallel steps verify trees too, a mask group per node (``parallel_tree_step``): on a 2-core CPU the extra mask
+    # rows cost more than the tree gains; where query rows are nearly free (a GPU at small batch) they may not.
+    parallel_trees: bool = False
 
     def __post_init__(self):
         if not 0 <= self.tree_nodes < MAX_TREE_SLOTS:
@@ -259,28 +262,65 @@ def sequential_step(model, drafter, cache, bonus, drafts, num_drafts, params, sp
     return out, accept_len, new_bonus, None
 
 
+def tree_inputs(cache, bonus, tree: DraftTree):
+    """A tree step's clean tokens [bonus, nodes], their positions (the cache length + depth), and (cache slots,
+    ancestor bitmasks) for ``Transformer.forward``'s ``tree``: node j is written at slot ``length + j``."""
+    tokens = torch.cat([bonus[:, None], tree.tokens], dim=1)
+    depth = torch.cat([torch.zeros_like(tree.depth[:, :1]), tree.depth], dim=1)
+    slots = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+    return tokens, cache.lengths[:, None] + depth, (slots, tree_bits(tree.ancestors()))
+
+
+def accept_tree(logits, tree: DraftTree, cache, params, streams):
+    """Walk the tree along the target's choices, keep the accepted path in the cache; returns (tokens, accept_len,
+    new bonus, the slot of the last accepted node (0: the bonus))."""
+    if params.greedy:
+        choose = greedy_choice(logits.argmax(dim=-1))
+    else:   # one draw from the target at each node the walk reaches
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        choose = lambda at: sample(probabilities(logits[rows, at], params),  # noqa: E731
+                                   streams.exponential(logits.shape[-1]))
+    out, accept_len, path, new_lengths = walk(tree, choose, cache.lengths)
+    compact(cache, cache.lengths, path, accept_len)
+    cache.lengths = new_lengths
+    last = path.gather(1, (accept_len - 1).clamp(min=0)[:, None]).squeeze(1) * (accept_len > 0)
+    return out, accept_len, out.gather(1, accept_len[:, None]).squeeze(1), last
+
+
 @torch.no_grad()
 def tree_step(model, drafter, cache, bonus, drafts, tree: DraftTree, params, spec, streams, stats):
     """A sequential step that verifies a tree of drafts: its nodes share the pass, each seeing its own path. The
     accepted path's K/V then move to where they stand in the sequence; the rest of the tree is left behind."""
-    tokens = torch.cat([bonus[:, None], tree.tokens], dim=1)
-    depth = torch.cat([torch.zeros_like(tree.depth[:, :1]), tree.depth], dim=1)
-    attention = tree_step_arguments(cache.lengths, tree.ancestors())
+    tokens, positions, slots = tree_inputs(cache, bonus, tree)
     with timed(stats, "target_forward"):
-        clean_hidden, _ = model(tokens, cache.lengths[:, None] + depth, cache, tree_attention=attention)
+        clean_hidden, _ = model(tokens, positions, cache, tree=slots)
         logits = model.logits(clean_hidden)
     with timed(stats, "verify"):
-        if params.greedy:
-            choose = greedy_choice(logits.argmax(dim=-1))
-        else:   # one draw from the target at each node the walk reaches
-            rows = torch.arange(logits.shape[0], device=logits.device)
-            choose = lambda at: sample(probabilities(logits[rows, at], params),  # noqa: E731
-                                       streams.exponential(logits.shape[-1]))
-        out, accept_len, path, new_lengths = walk(tree, choose, cache.lengths)
-        compact(cache, cache.lengths, path, accept_len)
-        cache.lengths = new_lengths
-        new_bonus = out.gather(1, accept_len[:, None]).squeeze(1)
+        out, accept_len, new_bonus, _ = accept_tree(logits, tree, cache, params, streams)
     return out, accept_len, new_bonus, None
+
+
+@torch.no_grad()
+def parallel_tree_step(model, drafter, cache, bonus, drafts, tree: DraftTree, params, spec, streams, stats):
+    """A parallel step over a tree: beside the nodes, a mask group anchored at each of them (it sees that node's path)
+    drafts the next block; the group of the last accepted node is kept."""
+    tokens, positions, (slots, bits) = tree_inputs(cache, bonus, tree)
+    B, T, block = tokens.shape[0], tokens.shape[1], drafter.block_size
+    group = torch.arange(T, device=tokens.device).repeat_interleave(block)
+    slot = torch.arange(block, device=tokens.device).repeat(T)
+    masks = MaskStream(positions=positions[:, group] + 1 + slot, anchors=slots[:, group], group_size=block,
+                       tree=bits[:, group])
+    with timed(stats, "target_forward"):
+        clean_hidden, mask_hidden = model(tokens, positions, cache, masks, drafter, tree=(slots, bits))
+        logits = model.logits(clean_hidden)
+    stats.mask_tokens += mask_hidden.shape[0] * mask_hidden.shape[1]
+    with timed(stats, "verify"):
+        out, accept_len, new_bonus, last = accept_tree(logits, tree, cache, params, streams)
+    groups = mask_hidden.view(B, T, block, -1)
+    with timed(stats, "draft_head"):
+        new_drafts = next_drafts(model, drafter, groups[torch.arange(B, device=groups.device), last], new_bonus,
+                                 params, spec, streams)
+    return out, accept_len, new_bonus, new_drafts
 
 
 @torch.no_grad()
@@ -293,6 +333,7 @@ def ar_step(model, drafter, cache, bonus, drafts, num_drafts, params, spec, stre
 
 
 STEPS = {"parallel": parallel_step, "sequential": sequential_step, "ar": ar_step}
+TREE_STEPS = {"parallel": parallel_tree_step, "sequential": tree_step}   # where drafts carry candidates
 
 
 def step_choice(choose_mode, batch_size: int) -> tuple[str, float | None]:
@@ -312,7 +353,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     ``trace`` (a list, optional) receives one dict per step: mode, drafts' confidence [B, Bs-1], num_drafts and
     accept_len [B] (CPU tensors; None for an ``ar`` step). The roofline harness reads acceptance profiles from it."""
     choose_mode = mode if callable(mode) else (lambda _batch_size: mode)
-    if mode == "parallel":   # its steps verify chains: drafts need no tree candidates
+    if mode == "parallel" and not spec.parallel_trees:   # its steps verify chains: no tree candidates needed
         spec = replace(spec, tree_nodes=0)
     device = model.device
     block = drafter.block_size
@@ -361,10 +402,11 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
         step = STEPS[step_mode]
-        if step_mode == "sequential" and drafts.top is not None and batch.size <= spec.tree_batch:
+        tree_mode = step_mode == "sequential" or (step_mode == "parallel" and spec.parallel_trees)
+        if tree_mode and drafts.top is not None and batch.size <= spec.tree_batch:
             # The tree's paths reach as deep as the chain would verify, and a copy as far as it runs (within the
             # slots a tree step holds).
-            step, num_drafts = tree_step, build_tree(
+            step, num_drafts = TREE_STEPS[step_mode], build_tree(
                 *drafts.top, min(max(spec.tree_nodes, drafts.tokens.shape[1]), MAX_TREE_SLOTS - 1),
                 spec.verify_threshold if threshold is None else threshold, max_depth=num_drafts)
         if trace is not None:

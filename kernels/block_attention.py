@@ -7,9 +7,10 @@ Visibility comes from index rules, never from a stored mask:
   so for a clean token ``kv_limit`` is its own position: causal; for a mask it is its group's anchor position);
 * a mask query additionally sees the masks of its own group (bidirectional), whose K/V come from the drafter's
   projections and are never written to the cache; clean queries never see masks;
-* a tree step (``tree`` [B, T] int64, no masks; ``flexdraft/tree.py``) writes query t at slot ``kv_limit[b, t]``,
-  consecutive from the root's ``kv_limit[b, 0]``; of the step's own slots a query sees only those set in its bitmask
-  (bit i: slot ``kv_limit[b, 0] + i``, an ancestor or itself), so T <= 64.
+* a tree step (``tree`` [B, T] int64; ``flexdraft/tree.py``) writes its clean tokens at consecutive slots from the
+  root's ``kv_limit[b, 0]``; of those slots a query sees only the ones set in its bitmask (bit i: slot
+  ``kv_limit[b, 0] + i``, its node's ancestors and itself; a mask query carries its anchor node's), so at most 64
+  clean tokens.
 
 Shapes (any float dtype; the cache tensors may be strided views into the ``[layers, B, Hkv, S, D]`` cache):
   q        [B, T, Hq, D]      T = num_clean + num_masks
@@ -39,10 +40,18 @@ from autotune.store import config_key, lookup
 from kernels.backend import check_device, sm_count
 
 
-def visibility(kv_limit: torch.Tensor, kv_extent: int, num_clean: int, num_masks: int, group_size: int) -> torch.Tensor:
+MAX_TREE_SLOTS = 64   # a tree step's clean tokens: one bit each in an int64
+
+
+def visibility(kv_limit: torch.Tensor, kv_extent: int, num_clean: int, num_masks: int, group_size: int,
+               tree: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean [B, 1, T, kv_extent + num_masks] built from the index rules (the reference's only mask)."""
     device = kv_limit.device
-    sees_cache = torch.arange(kv_extent, device=device)[None, None, :] <= kv_limit[:, :, None]
+    j = torch.arange(kv_extent, device=device)[None, None, :]
+    sees_cache = j <= kv_limit[:, :, None]
+    if tree is not None:   # of the step's own slots, from the root's on, only those in the query's bitmask
+        step = j - kv_limit[:, :1, None]
+        sees_cache &= (step < 0) | ((tree[:, :, None] >> step.clamp(0, MAX_TREE_SLOTS - 1)) & 1 == 1)
     if num_masks == 0:
         return sees_cache[:, None]
     t = torch.arange(num_clean + num_masks, device=device)
@@ -51,18 +60,6 @@ def visibility(kv_limit: torch.Tensor, kv_extent: int, num_clean: int, num_masks
     sees_masks = query_group[:, None] == (m // group_size)[None, :]
     sees_masks = sees_masks[None].expand(kv_limit.shape[0], -1, -1)
     return torch.cat([sees_cache, sees_masks], dim=-1)[:, None]
-
-
-MAX_TREE_SLOTS = 64   # a tree step's query tokens: one bit each in an int64
-
-
-def tree_visibility(kv_limit: torch.Tensor, tree: torch.Tensor, kv_extent: int) -> torch.Tensor:
-    """Boolean [B, 1, T, kv_extent] of a tree step: slot j <= kv_limit, and of the step's own slots (from the root's
-    ``kv_limit[:, 0]`` on) only those set in the query's ``tree`` bitmask."""
-    j = torch.arange(kv_extent, device=kv_limit.device)[None, None, :]
-    step = j - kv_limit[:, :1, None]                              # [B, 1, S]: slot - the root's slot
-    bit = (tree[:, :, None] >> step.clamp(0, MAX_TREE_SLOTS - 1)) & 1
-    return ((j <= kv_limit[:, :, None]) & ((step < 0) | (bit == 1)))[:, None]
 
 
 def block_attention_reference(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=None, *, num_clean: int,
@@ -83,8 +80,7 @@ def block_attention_reference(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask
         keys = torch.cat([keys, k_mask.transpose(1, 2)], dim=2)
         values = torch.cat([values, v_mask.transpose(1, 2)], dim=2)
     if allowed is None:
-        allowed = (visibility(kv_limit, kv_extent, num_clean, num_masks, group_size) if tree is None
-                   else tree_visibility(kv_limit, tree, kv_extent))
+        allowed = visibility(kv_limit, kv_extent, num_clean, num_masks, group_size, tree)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return grouped_attention(q, keys, values, allowed, scale)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed, scale=scale,
@@ -317,9 +313,9 @@ def block_attention_launch(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
     num_masks = 0 if k_mask is None else k_mask.shape[1]
     if num_masks and not (num_clean + num_masks == T and group_size >= 1):
         raise ValueError(f"T ({T}) must be num_clean ({num_clean}) + num_masks ({num_masks})")
-    if tree is not None and (num_masks or tree.shape != (B, T) or T > MAX_TREE_SLOTS):
-        raise ValueError(f"a tree step has no masks, a tree [B, T] = {[B, T]} and T <= {MAX_TREE_SLOTS}; got "
-                         f"{num_masks} masks and a tree of {list(tree.shape)}")
+    if tree is not None and (tree.shape != (B, T) or num_clean > MAX_TREE_SLOTS):
+        raise ValueError(f"a tree step has a tree [B, T] = {[B, T]} and at most {MAX_TREE_SLOTS} clean tokens; got "
+                         f"a tree of {list(tree.shape)} and {num_clean} clean tokens")
     group_heads = Hq // Hkv
     rows = T * group_heads
     cfg = config or lookup("block_attention", config_key(D, T, B, q.dtype), default_config(rows, D), q.device)
@@ -366,40 +362,32 @@ def block_attention_triton(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
                                   group_size=group_size, scale=scale, kv_extent=kv_extent, tree=tree)
 
 
-def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1) -> dict:
+def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1,
+                   tree: torch.Tensor | None = None) -> dict:
     """``block_attention``'s keyword arguments that every layer of a step shares, built once per step.
 
-    ``kv_limit`` [B, T] covers the step's clean tokens and then its masks (groups of ``group_size``). The reference
-    also gets its extent and visibility mask ready-made: built per layer they cost ~0.1 ms a layer on a CPU, more than
-    the attention itself at batch 1. The Triton kernel needs neither (and so no host sync).
+    ``kv_limit`` [B, T] covers the step's clean tokens and then its masks (groups of ``group_size``); ``tree`` [B, T]
+    (a tree step) their ancestor bitmasks. The reference also gets its extent and visibility mask ready-made: built
+    per layer they cost ~0.1 ms a layer on a CPU, more than the attention itself at batch 1. The Triton kernel needs
+    neither (and so no host sync).
     """
     from kernels import backend
 
-    args = {"kv_limit": kv_limit, "num_clean": num_clean, "group_size": group_size}
+    args = {"kv_limit": kv_limit, "num_clean": num_clean, "group_size": group_size, "tree": tree}
     if backend.use_triton():
         return args
     kv_extent = int(kv_limit.max()) + 1
     num_masks = kv_limit.shape[1] - num_clean
     return {**args, "kv_extent": kv_extent,
-            "allowed": visibility(kv_limit, kv_extent, num_clean, num_masks, group_size)}
+            "allowed": visibility(kv_limit, kv_extent, num_clean, num_masks, group_size, tree)}
 
 
-def tree_step_arguments(kv_len: torch.Tensor, ancestors: torch.Tensor) -> dict:
-    """``block_attention``'s arguments for a tree step (``flexdraft/tree.py``), built once for all layers: slot t of
-    row b is written at cache slot ``kv_len[b] + t`` and sees the cache before the step plus the slots that
-    ``ancestors`` [B, T, T] marks (T <= ``MAX_TREE_SLOTS``), as a bitmask per query."""
-    from kernels import backend
-
-    T = ancestors.shape[1]
+def tree_bits(ancestors: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool (slot t sees slot i) -> [B, T] int64 bitmasks, bit i for slot i; T <= ``MAX_TREE_SLOTS``."""
+    T = ancestors.shape[-1]
     if T > MAX_TREE_SLOTS:
         raise ValueError(f"a tree step holds at most {MAX_TREE_SLOTS} tokens, got {T}")
-    slots = kv_len[:, None] + torch.arange(T, device=kv_len.device)[None, :]
-    tree = (ancestors.to(torch.int64) << torch.arange(T, device=kv_len.device)).sum(dim=-1)
-    args = {"kv_limit": slots, "num_clean": T, "tree": tree}
-    if backend.use_triton():
-        return args
-    kv_extent = int(slots.max()) + 1
-    return {**args, "kv_extent": kv_extent, "allowed": tree_visibility(slots, tree, kv_extent)}
+    return (ancestors.to(torch.int64) << torch.arange(T, device=ancestors.device)).sum(dim=-1)
 
 
 def block_attention(*args, **kwargs):

@@ -13,8 +13,7 @@ from kernel_utils import DEVICE, DTYPES, assert_close, gpu_only, poisoned_alloca
 
 from kernels import backend  # noqa: E402
 from kernels.block_attention import (MAX_TREE_SLOTS, block_attention, block_attention_launch,  # noqa: E402
-                                     block_attention_reference, block_attention_triton, step_arguments,
-                                     tree_step_arguments)
+                                     block_attention_reference, block_attention_triton, step_arguments, tree_bits)
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "num_splits": 0}   # many tiles
 SPLIT = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "num_splits": 3}   # cache split 3 ways
@@ -135,9 +134,11 @@ def test_step_arguments_serve_every_layer(name, which):
 
 
 # ---- tree steps: each node sees the cache before the step and its own ancestors ----------------------------------
-def make_tree_step(dtype: torch.dtype, seed: int, slots: int = 12, batch: int = 3) -> tuple[dict, torch.Tensor]:
-    """A tree step of a ragged batch (random trees, parents before children) and, built directly from the parents,
-    the boolean ancestors [B, T, T] it encodes."""
+def make_tree_step(dtype: torch.dtype, seed: int, slots: int = 12, batch: int = 3,
+                   group_size: int = 0) -> tuple[dict, torch.Tensor]:
+    """A tree step of a ragged batch (random trees, parents before children), with ``group_size`` masks anchored at
+    every node when set (a parallel tree step), and, built directly from the parents, the boolean ancestors
+    [B, slots, slots] its bitmasks encode."""
     Hq, Hkv, D, S = 6, 2, 16, 200
     gen = seeded(seed)
     parents = [[0] + [int(torch.randint(0, j, (1,), generator=gen)) for j in range(1, slots)] for _ in range(batch)]
@@ -151,59 +152,78 @@ def make_tree_step(dtype: torch.dtype, seed: int, slots: int = 12, batch: int = 
                 ancestors[b, t, at] = True
     kv_len = torch.randint(1, S - slots, (batch,), generator=gen)
     kv_len[0] = 1
+    num_masks = slots * group_size
+    T = slots + num_masks
     k_all, v_all = randn(3, batch, Hkv, S, D, gen=gen, dtype=dtype), randn(3, batch, Hkv, S, D, gen=gen, dtype=dtype)
-    q = randn(batch, Hq, slots, D, gen=gen, dtype=dtype).transpose(1, 2)
-    previous = backend.get_backend()
-    backend.set_backend("triton")
-    try:
-        args = tree_step_arguments(kv_len.to(DEVICE), ancestors.to(DEVICE))
-    finally:
-        backend.set_backend(previous)
-    return dict(q=q, k_cache=k_all[1], v_cache=v_all[1], **args), ancestors
+    q = randn(batch, Hq, T, D, gen=gen, dtype=dtype).transpose(1, 2)
+    node = torch.cat([torch.arange(slots), torch.arange(slots).repeat_interleave(group_size)])   # a mask's anchor
+    bits = tree_bits(ancestors)[:, node]
+    kv_limit = kv_len[:, None] + node[None, :]
+    masks = (randn(batch, num_masks, Hkv, D, gen=gen, dtype=dtype), randn(batch, num_masks, Hkv, D, gen=gen, dtype=dtype))
+    step = dict(q=q, k_cache=k_all[1], v_cache=v_all[1], kv_limit=kv_limit.to(DEVICE), tree=bits.to(DEVICE),
+                k_mask=masks[0] if num_masks else None, v_mask=masks[1] if num_masks else None, num_clean=slots,
+                group_size=max(group_size, 1))
+    return step, ancestors
 
 
 def attention_from_ancestors(step: dict, ancestors: torch.Tensor) -> torch.Tensor:
-    """The same step by masked SDPA, visibility built from the boolean ancestors rather than the bitmask."""
+    """The same step by masked SDPA, visibility built from the boolean ancestors rather than the bitmasks: the cache
+    before the step, the anchor node's path, and (a mask) its own group."""
     kv_len = step["kv_limit"][:, 0].cpu()
     B, T = step["kv_limit"].shape
+    slots, group_size = step["num_clean"], step["group_size"]
+    node = torch.cat([torch.arange(slots), torch.arange(slots).repeat_interleave(group_size)])[:T]
     S = step["k_cache"].shape[2]
-    j = torch.arange(S)[None, None, :]
-    rel = j - kv_len[:, None, None]
-    own = (rel >= 0) & (rel < T) & ancestors.gather(2, rel.clamp(0, T - 1).expand(B, T, S))
-    allowed = ((rel < 0) | own)[:, None].to(DEVICE)
-    exact = {k: step[k].float() for k in ("q", "k_cache", "v_cache")}
+    rel = torch.arange(S)[None, None, :] - kv_len[:, None, None]
+    path = ancestors[:, node]                                                               # [B, T, slots]
+    own = (rel >= 0) & (rel < slots) & path.gather(2, rel.clamp(0, slots - 1).expand(B, T, S))
+    allowed = (rel < 0) | own
+    keys, values = step["k_cache"].float(), step["v_cache"].float()
+    if step["k_mask"] is not None:
+        group = torch.arange(T)[:, None] - slots
+        same = (group >= 0) & (group // group_size == torch.arange(T - slots)[None, :] // group_size)
+        allowed = torch.cat([allowed, same[None].expand(B, -1, -1)], dim=2)
+        keys = torch.cat([keys, step["k_mask"].float().transpose(1, 2)], dim=2)
+        values = torch.cat([values, step["v_mask"].float().transpose(1, 2)], dim=2)
     out = torch.nn.functional.scaled_dot_product_attention(
-        exact["q"].transpose(1, 2), exact["k_cache"], exact["v_cache"], attn_mask=allowed, enable_gqa=True)
+        step["q"].float().transpose(1, 2), keys, values, attn_mask=allowed[:, None].to(DEVICE), enable_gqa=True)
     return out.transpose(1, 2)
 
 
 @pytest.mark.parametrize("config", [SMALL, SPLIT], ids=["tiles", "split3"])
-@pytest.mark.parametrize("slots", [12, MAX_TREE_SLOTS], ids=["12-slots", "64-slots"])
-def test_tree_step_matches_reference_fp32(config, slots):
-    step, ancestors = make_tree_step(torch.float32, seed=slots, slots=slots)
+@pytest.mark.parametrize("slots,group_size", [(12, 0), (MAX_TREE_SLOTS, 0), (7, 3)],
+                         ids=["12-nodes", "64-nodes", "7-nodes-with-mask-groups"])
+def test_tree_step_matches_reference_fp32(config, slots, group_size):
+    step, ancestors = make_tree_step(torch.float32, seed=slots, slots=slots, group_size=group_size)
     out = run_poisoned(block_attention_launch, **step, config=config)
     reference = block_attention_reference(**step)
     assert_close(out, reference)
-    assert_close(reference, attention_from_ancestors(step, ancestors))   # the bitmask says what the parents say
+    assert_close(reference, attention_from_ancestors(step, ancestors))   # the bitmasks say what the parents say
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=["fp16", "bf16"])
 def test_tree_step_matches_reference_low_precision(dtype):
-    step, _ = make_tree_step(dtype, seed=3, slots=9, batch=2)
+    step, _ = make_tree_step(dtype, seed=3, slots=9, batch=2, group_size=2)
     out = run_poisoned(block_attention_launch, **step, config=SMALL)
     assert out.dtype == dtype
     assert_close(out, block_attention_reference(**step), dtype)
 
 
-def test_tree_step_arguments_serve_the_reference_ready_made():
-    step, ancestors = make_tree_step(torch.float32, seed=5)
-    kv_len = step["kv_limit"][:, 0]
-    ready = tree_step_arguments(kv_len, ancestors.to(DEVICE))    # the torch backend: extent and visibility built
-    assert "allowed" in ready and torch.equal(ready["tree"], step["tree"])
-    tensors = {k: step[k] for k in ("q", "k_cache", "v_cache")}
-    assert_close(run_poisoned(block_attention, **tensors, **ready), block_attention_reference(**step))
+@pytest.mark.parametrize("which", ["torch", "triton"])
+def test_tree_step_arguments_serve_every_layer(which):
+    step, _ = make_tree_step(torch.float32, seed=5, group_size=2)
+    shared = {key: step.pop(key) for key in ("kv_limit", "num_clean", "group_size", "tree")}
+    previous = backend.get_backend()
+    backend.set_backend(which)
+    try:
+        args = step_arguments(**shared)
+        assert ("allowed" in args) == (which == "torch")
+        out = run_poisoned(block_attention, **step, **args)
+    finally:
+        backend.set_backend(previous)
+    assert_close(out, block_attention_reference(**step, **shared))
     with pytest.raises(ValueError, match="at most 64"):
-        tree_step_arguments(kv_len, torch.ones(3, 65, 65, dtype=torch.bool, device=DEVICE))
+        tree_bits(torch.ones(3, 65, 65, dtype=torch.bool))
 
 
 # ---- GPU only: bf16 at the real shapes, default and tuned configs, automatic cache splits ------------------------

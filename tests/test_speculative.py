@@ -2,6 +2,7 @@
 reproduces the target distribution exactly (checked against enumeration on a tiny model)."""
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -60,10 +61,11 @@ def some_tokens(vocab_size: int, count: int, seed: int) -> list[int]:
 
 
 # How drafts are made: copies as long as the drafter's 5 drafts; copies of the default length (10) beside them, at
-# every batch size (by default only where one row is left); the drafter alone; sequential steps verifying trees of
-# the drafter's candidates and long copies.
+# every batch size (by default only where one row is left); the drafter alone; sequential and parallel steps verifying
+# trees of the drafter's candidates and long copies.
 DRAFTING = {"lookup": dict(lookup=True, lookup_len=0), "long-copies": dict(lookup=True, long_copy_batch=8),
-            "drafter-alone": dict(lookup=False), "trees": dict(lookup=True, long_copy_batch=8, tree_nodes=7, tree_batch=8)}
+            "drafter-alone": dict(lookup=False),
+            "trees": dict(lookup=True, long_copy_batch=8, tree_nodes=7, tree_batch=8, parallel_trees=True)}
 
 
 @pytest.mark.parametrize("drafting", DRAFTING)
@@ -101,6 +103,20 @@ def test_parallel_and_sequential_draft_the_same_tokens(target):
                                  SpecConfig(verify_threshold=0.0, tree_nodes=0)) for m in ("parallel", "sequential")]
     assert runs[0][1].accept_histogram == runs[1][1].accept_histogram
     assert runs[0][1].mask_tokens > runs[1][1].mask_tokens  # parallel pays for v + 1 groups
+
+
+def test_parallel_and_sequential_tree_steps_draft_the_same_tokens(target):
+    """The mask group of a parallel tree step anchored at the last accepted node sees exactly what the sequential draft
+    pass sees after a tree step accepted that path: the same drafts, so the same acceptance."""
+    prompts = random_prompts(target.config.vocab_size, [4, 9, 2], seed=7)
+    drafter = Drafter.initialise(target, num_tuned_layers=3, block_size=5, seed=1)
+    spec = SpecConfig(verify_threshold=0.0, tree_nodes=6, tree_batch=3, parallel_trees=True, lookup=False)
+    runs = [generate_speculative(target, drafter, prompts, 24, SamplingParams(), [[-1]] * 3, torch.arange(3), m,
+                                 spec) for m in ("parallel", "sequential")]
+    chain = generate_speculative(target, drafter, prompts, 24, SamplingParams(), [[-1]] * 3, torch.arange(3),
+                                 "sequential", replace(spec, tree_nodes=0))[1]
+    assert runs[0][1].accept_histogram == runs[1][1].accept_histogram != chain.accept_histogram
+    assert runs[0][0].results() == runs[1][0].results()
 
 
 def test_a_drafter_that_knows_the_answer_is_accepted(target):
@@ -236,7 +252,7 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
     repeats itself, so drafts are copies (q one-hot) from the first step on; elsewhere the drafter drafts alone.
     "-long-lookup" drafts 1 token from the drafter and copies 2 (over 4 new tokens, so that a step can verify 2):
     rows that copy and rows that do not share a step. "-tree" verifies trees of the drafter's 4 likeliest paths in
-    sequential steps; parallel steps verify chains of its likeliest drafts, which are not samples of q."""
+    sequential and parallel steps (candidates, not samples of q)."""
     tree = mode.endswith("-tree")
     mode = mode.removesuffix("-tree")
     lookup, long_copies = mode.endswith("-lookup"), mode.endswith("-long-lookup")
@@ -258,7 +274,7 @@ def test_sampling_matches_exact_target_distribution(small_vocab, mode):
                                                 seeds, step_mode(mode),
                                                 SpecConfig(verify_threshold=0.0, lookup=lookup,
                                                            lookup_len=2 * long_copies, long_copy_batch=n,
-                                                           tree_nodes=4 * tree, tree_batch=n))
+                                                           tree_nodes=4 * tree, tree_batch=n, parallel_trees=tree))
             assert stats.mean_accepted > 1.0  # drafts were accepted, so the accept/reject paths both ran
             assert not long_copies or stats.accept_histogram[3] > 0   # a copy of 2 accepted whole, bonus after it
             assert (stats.lookup_drafts > 0) == lookup

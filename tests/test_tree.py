@@ -8,10 +8,9 @@ import torch
 from flexdraft.batch import Stats
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams
-from flexdraft.speculative import Drafts, SpecConfig, tree_step
+from flexdraft.speculative import Drafts, SpecConfig, tree_inputs, tree_step
 from flexdraft.tree import build_tree, chain_tree, compact, greedy_choice, walk
 from helpers import random_prompts, tiny_target
-from kernels.block_attention import tree_step_arguments
 
 
 def random_candidates(B, W, K, seed):
@@ -120,9 +119,8 @@ def test_tree_attention_equals_each_path_run_alone():
 
     cache = prefilled()
     lengths = cache.lengths.clone()
-    depth = torch.cat([torch.zeros(2, 1, dtype=torch.int64), tree.depth], 1)
-    step = torch.cat([bonus[:, None], tree.tokens], 1)
-    hidden, _ = model(step, lengths[:, None] + depth, cache, tree_attention=tree_step_arguments(lengths, tree.ancestors()))
+    step, positions, slots = tree_inputs(cache, bonus, tree)
+    hidden, _ = model(step, positions, cache, tree=slots)
     logits = model.logits(hidden)
     assert torch.isfinite(logits).all()
     paths = [node_paths(tree, row) for row in range(2)]

@@ -262,9 +262,11 @@ def op_call(op: str, model, drafter, cache, batch: int, tokens: int, context: in
     return run
 
 
-def grid_points(grid: Grid, block: int, mask_share: float = 1.0) -> list[tuple[str, int, int, int]]:
-    """(op, batch, tokens, context) of every point the harness measures; ``mask_share`` = tuned / all layers."""
+def grid_points(grid: Grid, block: int, mask_share: float = 1.0, tree_tokens: int = 0) -> list[tuple[str, int, int, int]]:
+    """(op, batch, tokens, context) of every point the harness measures; ``mask_share`` = tuned / all layers. The
+    target's pass is also measured up to ``tree_tokens`` query tokens (a tree step's bonus and nodes)."""
     tokens = sorted({t for t in grid.tokens if t <= block} | {block})
+    target_tokens = sorted(set(tokens) | {t for t in grid.tokens if t <= tree_tokens} | ({tree_tokens} - {0}))
     budget = grid.max_call_tokens or float("inf")
 
     def within(sizes, cost, limit=budget):
@@ -273,7 +275,7 @@ def grid_points(grid: Grid, block: int, mask_share: float = 1.0) -> list[tuple[s
     points = []
     for b in grid.batches:
         for ctx in grid.contexts:
-            points += [("target", b, q, ctx) for q in within(tokens, lambda q: b * q)]
+            points += [("target", b, q, ctx) for q in within(target_tokens, lambda q: b * q)]
             points += [("draft", b, block, ctx), ("step_ar", b, 1, ctx)]
             points += [("step_sequential", b, q, ctx)
                        for q in within(tokens[1:], lambda q: b * (q + block * mask_share))]
@@ -289,7 +291,8 @@ def grid_points(grid: Grid, block: int, mask_share: float = 1.0) -> list[tuple[s
 def cost_calls(model, drafter, grid: Grid) -> dict:
     """{(op, batch, tokens, context): call} for every grid point (one cache per batch size and context, shared)."""
     shape = Shape.of(model, drafter)
-    points = grid_points(grid, drafter.block_size, shape.tuned / shape.layers)
+    # Tree steps (sequential steps at small batch) pass the bonus and up to ``tree_nodes`` nodes through the target.
+    points = grid_points(grid, drafter.block_size, shape.tuned / shape.layers, SpecConfig().tree_nodes + 1)
     lengths = {}
     for _, b, q, ctx in points:
         lengths[(b, ctx)] = max(lengths.get((b, ctx), 0), ctx + q + 1)

@@ -267,3 +267,7 @@ def test_the_default_grid_measures_prefill_at_every_batch_and_leaves_out_large_d
     assert sorted(b for op, b, _, _ in points if op == "prefill") == [1, 2, 4, 8, 16, 32]
     assert ("target", 32, 16, 256) not in points and ("target", 32, 8, 256) in points   # 512 and 256 tokens
     assert sorted(b for op, b, _, _ in points if op == "prefill" and b * 128 <= 256) == [1, 2]
+    # A tree step's target pass (bonus + 8 nodes at block 4) is measured, not extrapolated from the block's sizes.
+    tree = grid_points(Grid(), block=4, mask_share=0.4, tree_tokens=9)
+    assert {q for op, b, q, _ in tree if op == "target" and b == 1} == {1, 2, 4, 8, 9}
+    assert {q for op, b, q, _ in tree if op == "step_sequential" and b == 1} == {2, 4}

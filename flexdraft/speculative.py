@@ -4,13 +4,16 @@ State between steps, per active sequence (all batched, no loops over rows):
   cache.lengths  tokens already in the KV cache; the bonus token stands at that position, not yet run
   bonus          the last resolved token
   drafts         [B, W] drafts for the positions after the bonus (W = Bs-1, more where prompt-lookup copies are
-                 longer), with confidence and (sampling) their q; None after a sequential or ``ar`` step
+                 longer), with confidence and (sampling) their q, and (trees) each slot's likeliest candidates;
+                 None after a sequential or ``ar`` step
 
 Read ``generate_speculative`` top to bottom: prefill drafts a first block, then each step verifies ``verify_len``
 drafts. A parallel step drafts the next block in the same pass; a sequential step verifies alone and the next step
 opens with the draft pass. Where a row's text repeats itself, its drafts are copied from what followed the last time
 instead (prompt lookup, ``flexdraft/lookup.py``, up to ``SpecConfig.lookup_len`` tokens); where every row copies,
-the step needs no drafter at all, and a parallel step verifies alone too. Flex chooses the step per batch size
+the step needs no drafter at all, and a parallel step verifies alone too. Where one row is decoding, a sequential
+step verifies a tree of the likeliest paths through the candidates instead of a chain (``flexdraft/tree.py``,
+``tree_step``; ``parallel_tree_step`` with ``--parallel-trees``). Flex chooses the step per batch size
 (``experiments/crossover.py``); where speculation does not pay it may run a plain ``ar`` step, which leaves no
 drafts either.
 """

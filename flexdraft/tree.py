@@ -1,4 +1,4 @@
-"""Tree verification (greedy): verify several drafts per block position in one target pass.
+"""Tree verification: verify several drafts per block position in one target pass (greedy or sampling).
 
 The drafter drafts a block's slots in parallel, so slot 2's candidates do not depend on which token slot 1 took: the
 likeliest paths are products of per-slot candidates. A tree keeps the ``max_nodes`` paths of highest probability (the

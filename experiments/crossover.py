@@ -69,10 +69,11 @@ def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_toke
     # row's tree does not depend on the batch. Nodes per row and step are recorded, not a verify length.
     tree_spec = SpecConfig(lookup_len=0, tree_batch=batch_size)
     tree = {"nodes": tree_spec.tree_nodes, "threshold": tree_spec.verify_threshold, "batch": SpecConfig().tree_batch,
-            "accepted": [], "verified": []}
+            "accepted": [], "verified": [], "copied": []}
     for step in traced(tree_spec):
         tree["accepted"] += step["accept_len"].tolist()
         tree["verified"] += step["num_drafts"].tolist()
+        tree["copied"] += (step["confidence"] == 1).all(dim=1).tolist()
     return {"block_size": drafter.block_size, "accepted": accepted, "confidence": confidence,
             "tree": tree if tree_spec.tree_nodes else None,
             "source": source or f"engine, greedy, {len(prompt_ids)} prompts, {max_new_tokens} new tokens"}
@@ -108,6 +109,18 @@ def verify_lengths(profile: dict, threshold: float | None, strategy: str = STRAT
     return verify_len(conf, SpecConfig(threshold, strategy)).numpy()
 
 
+def draft_pass_skipped(costs: CostTable, copied: np.ndarray | None, rows: np.ndarray, block: int,
+                       context: float) -> float:
+    """Seconds a sequential step saves on average because its draft pass and draft head (which the ``step_sequential``
+    op always times) run only where some row of the batch does not copy: ``copied`` per profile row (drafts all
+    copies, confidence 1), ``rows`` [samples, batch] the sampled batches."""
+    if copied is None or len(copied) == 0:
+        return 0.0
+    batch = rows.shape[1]
+    every_row_copies = float(np.asarray(copied, dtype=bool)[rows].all(axis=1).mean())
+    return every_row_copies * (costs.time("draft", batch, block, context) + costs.time("head", batch, block - 1))
+
+
 def predict_tree(costs: CostTable, profile: dict, batch: int, context: float = 256, samples: int = 400,
                  seed: int = 0) -> dict:
     """Sequential steps that verify trees (``profile["tree"]``): a step gains each row's accepted drafts + 1 and verifies
@@ -121,6 +134,7 @@ def predict_tree(costs: CostTable, profile: dict, batch: int, context: float = 2
     by_nodes = {int(n): chain + costs.time("target", batch, int(n) + 1, context)
                 for n in np.unique(verified[rows].max(axis=1))}
     step = float(np.mean([by_nodes[int(n)] for n in verified[rows].max(axis=1)]))
+    step -= draft_pass_skipped(costs, tree.get("copied"), rows, block, context)
     return {"tokens_per_step": float(gained.mean()), "step_s": step, "tokens_per_s": float(gained.mean()) / step,
             "verify_len": float(verified[rows].mean()), "tree_nodes": tree["nodes"]}
 
@@ -150,6 +164,9 @@ def predict_decode(costs: CostTable, profile: dict, mode: str, batch: int, thres
     longest = verified.max(axis=1)
     by_len = {int(n): step_seconds(costs, mode, batch, int(n) + 1, context) for n in np.unique(longest)}
     step = float(np.mean([by_len[int(n)] for n in longest]))
+    if mode == "sequential" and profile["confidence"] is not None:
+        copied = (np.asarray(profile["confidence"]) == 1).all(axis=1)
+        step -= draft_pass_skipped(costs, copied, rows, profile["block_size"], context)
     return {"tokens_per_step": float(gained.mean()), "step_s": step, "tokens_per_s": float(gained.mean()) / step,
             "verify_len": float(verified.mean())}
 

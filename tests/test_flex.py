@@ -107,6 +107,25 @@ def test_tree_steps_are_predicted_from_the_tree_profile_where_the_engine_verifie
     assert row["sequential"]["verify_threshold"] is None and row["sequential"]["tree_nodes"] == 8
 
 
+def test_sequential_steps_skip_the_draft_pass_where_every_row_copies():
+    """The step_sequential op times the draft pass that opens the next step; the engine skips it where every row of
+    the batch copies its drafts (confidence 1), so the prediction takes off its share."""
+    costs = CostTable.from_rows(synthetic_costs())
+    profile = synthetic_profile(2.0)
+    copies = {**profile, "confidence": [[1.0] * 15] * len(profile["accepted"])}
+    draft = costs.time("draft", 1, 16, 256) + costs.time("head", 1, 15)
+    full = predict_decode(costs, profile, "sequential", 1, None, 256)
+    assert predict_decode(costs, copies, "sequential", 1, None, 256)["step_s"] == pytest.approx(full["step_s"] - draft)
+    assert predict_decode(costs, copies, "parallel", 1, None, 256) == predict_decode(costs, profile, "parallel", 1,
+                                                                                      None, 256)
+    half = {**profile, "confidence": [[1.0] * 15 if i % 2 else c for i, c in enumerate(profile["confidence"])]}
+    one, many = (predict_decode(costs, half, "sequential", b, None, 256) for b in (1, 8))
+    assert one["step_s"] < predict_decode(costs, profile, "sequential", 1, None, 256)["step_s"]
+    # At batch 8 every row must copy: 1 in 256 batches.
+    assert many["step_s"] == pytest.approx(predict_decode(costs, profile, "sequential", 8, None, 256)["step_s"],
+                                           rel=0.01)
+
+
 def test_policy_between_batch_sizes_and_beyond():
     policy = FlexPolicy({1: ("parallel", 0.1), 3: ("sequential", None), 8: ("ar", None)}, "test")
     assert [policy(b)[0] for b in (1, 2, 3, 7, 8, 100)] == ["parallel", "parallel", "sequential", "sequential", "ar",

@@ -92,15 +92,6 @@ def build_tree(top_tokens: torch.Tensor, top_probs: torch.Tensor, max_nodes: int
                      depth=torch.where(valid, depth.gather(1, order), 1), valid=valid)
 
 
-def chain_tree(tokens: torch.Tensor, num_drafts: torch.Tensor) -> DraftTree:
-    """The chain ``tokens`` [B, n] as a tree: node j's parent is node j-1; nodes past ``num_drafts`` are padding."""
-    B, n = tokens.shape
-    slots = torch.arange(1, n + 1, device=tokens.device).expand(B, -1)
-    valid = slots <= num_drafts[:, None]
-    return DraftTree(tokens=tokens, parents=torch.where(valid, slots - 1, 0), depth=torch.where(valid, slots, 1),
-                     valid=valid)
-
-
 def walk(tree: DraftTree, choose, kv_len: torch.Tensor):
     """Walk the tree from the root: at each node ``choose(slot [B]) -> token [B]`` picks the target's token there (its
     argmax, or a sample from its distribution); a child holding that token is accepted and the walk goes on from it,

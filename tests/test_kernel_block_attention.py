@@ -120,8 +120,12 @@ def test_dispatcher_uses_the_kernel():
 def test_step_arguments_serve_every_layer(name, which):
     """The model builds the arguments a step's layers share once (for the reference: its extent and visibility);
     attention from them is the reference's, whichever backend runs it."""
-    step = make_step(name, torch.float32, seed=6)
-    shared = {key: step.pop(key) for key in ("kv_limit", "num_clean", "group_size")}
+    check_step_arguments(make_step(name, torch.float32, seed=6), ("kv_limit", "num_clean", "group_size"), which)
+
+
+def check_step_arguments(step: dict, shared_keys: tuple[str, ...], which: str) -> None:
+    """``step_arguments`` from ``shared_keys`` of ``step``, on backend ``which``: attention equals the reference's."""
+    shared = {key: step.pop(key) for key in shared_keys}
     previous = backend.get_backend()
     backend.set_backend(which)
     try:
@@ -212,16 +216,7 @@ def test_tree_step_matches_reference_low_precision(dtype):
 @pytest.mark.parametrize("which", ["torch", "triton"])
 def test_tree_step_arguments_serve_every_layer(which):
     step, _ = make_tree_step(torch.float32, seed=5, group_size=2)
-    shared = {key: step.pop(key) for key in ("kv_limit", "num_clean", "group_size", "tree")}
-    previous = backend.get_backend()
-    backend.set_backend(which)
-    try:
-        args = step_arguments(**shared)
-        assert ("allowed" in args) == (which == "torch")
-        out = run_poisoned(block_attention, **step, **args)
-    finally:
-        backend.set_backend(previous)
-    assert_close(out, block_attention_reference(**step, **shared))
+    check_step_arguments(step, ("kv_limit", "num_clean", "group_size", "tree"), which)
     with pytest.raises(ValueError, match="at most 64"):
         tree_bits(torch.ones(3, 65, 65, dtype=torch.bool))
 

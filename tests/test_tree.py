@@ -9,7 +9,7 @@ from flexdraft.batch import Stats
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import Drafts, SpecConfig, tree_inputs, tree_step
-from flexdraft.tree import build_tree, chain_tree, compact, greedy_choice, walk
+from flexdraft.tree import DraftTree, build_tree, compact, greedy_choice, walk
 from helpers import random_prompts, tiny_target
 
 
@@ -81,10 +81,8 @@ def test_ancestors_follow_the_parents():
 
 def test_walk_accepts_the_path_the_target_agrees_with():
     # Root 0 -> slots 1 (token 5), 2 (token 6); slot 1 -> 3 (token 7), 4 (token 8); slot 4 -> 5 (token 9).
-    tree = chain_tree(torch.zeros(2, 5, dtype=torch.int64), torch.tensor([5, 5]))
-    tree.tokens = torch.tensor([[5, 6, 7, 8, 9]] * 2)
-    tree.parents = torch.tensor([[0, 0, 1, 1, 4]] * 2)
-    tree.depth = torch.tensor([[1, 1, 2, 2, 3]] * 2)
+    tree = DraftTree(tokens=torch.tensor([[5, 6, 7, 8, 9]] * 2), parents=torch.tensor([[0, 0, 1, 1, 4]] * 2),
+                     depth=torch.tensor([[1, 1, 2, 2, 3]] * 2), valid=torch.ones(2, 5, dtype=torch.bool))
     argmax = torch.tensor([[5, 8, 40, 41, 9, 42],      # root wants 5 (slot 1), slot 1 wants 8 (slot 4), slot 4 wants 9
                            [6, 1, 2, 3, 4, 5]])        # root wants 6 (slot 2), slot 2 wants 2: no child
     out, accept_len, path, new_len = walk(tree, greedy_choice(argmax), torch.tensor([10, 20]))

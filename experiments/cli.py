@@ -179,7 +179,7 @@ def command_roofline(args) -> int:
     else:
         log(f"acceptance on {args.acceptance_prompts} held-out prompts ...")
         profile = measure_acceptance(model, drafter, held_out_prompts(fd, args.acceptance_prompts),
-                                     args.acceptance_tokens, fd.stop_ids(), batch_size=8)
+                                     args.acceptance_tokens, fd.stop_ids())
     entry = build_entry(rows, ceilings, profile, shape_dict(model, drafter), context, device=model.device,
                         extra=extra)
     write_entry(path, key, entry)

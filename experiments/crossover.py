@@ -1,10 +1,11 @@
 """From measured step costs and the drafter's acceptance profile to Flex Decoding's choices on this device.
 
-- ``measure_acceptance`` runs the engine on held-out prompts verifying every draft (threshold 0) and keeps, per
-  sequence and step, the drafts' confidences and how many were accepted (``acceptance_from_stats`` takes a stats
-  JSON's histogram instead: no confidences, so no threshold can be tuned from it). A second run verifies trees of
-  drafts as sequential steps do at small batch (``SpecConfig.tree_nodes``): per sequence and step, the nodes verified
-  and the drafts accepted (the profile's ``tree``).
+- ``measure_acceptance`` runs the engine one prompt at a time on held-out prompts verifying every draft (threshold 0)
+  and keeps, per sequence and step, the drafts' confidences and how many were accepted: as verified at batch 1, where
+  prompt-lookup copies run long (the profile's ``long``), and cut to the drafter's block as every larger batch
+  verifies them (``acceptance_from_stats`` takes a stats JSON's histogram instead: no confidences, so no threshold
+  can be tuned from it). A second run verifies trees of drafts as sequential steps do at small batch
+  (``SpecConfig.tree_nodes``): per step, the nodes verified and the drafts accepted (the profile's ``tree``).
 - ``predict_decode`` combines them with the cost table into tokens per step, seconds per step and tokens/s of
   ``ar``, ``sequential`` and ``parallel`` at a batch size and verification threshold. A step verifies the batch's
   longest verify length, so the step cost uses the maximum over the batch's rows (drawn from the profile). Where
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from experiments.provenance import REPO, current_slug, provenance
 from experiments.roofline import STEP_OPS, CostTable
@@ -42,40 +44,45 @@ SPECULATION_MARGIN = 1.2
 
 
 # ---- the acceptance profile ----------------------------------------------------------------------------------------
-def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                       batch_size: int = 8, source: str = "") -> dict:
-    """Greedy decoding that verifies every draft (drafted as the engine drafts by default: prompt-lookup copies where
-    the text repeats, confidence 1, here no longer than the drafter's B_s - 1 drafts); one row per sequence and step
-    with all B_s - 1 drafts verified."""
+def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_tokens: int,
+                       stop_ids: list[int], source: str = "") -> dict:
+    """Greedy decoding of one prompt at a time, drafted as the engine drafts at batch 1 (prompt-lookup copies of up to
+    ``SpecConfig.lookup_len`` tokens where the text repeats, confidence 1), verifying every draft: one row per step.
+    Larger batches copy no further than the drafter's B_s - 1 drafts, so their rows are the same steps cut there."""
     from flexdraft.sampling import SamplingParams
     from flexdraft.speculative import SpecConfig, generate_speculative
 
     def traced(spec: SpecConfig) -> list[dict]:
         trace = []
-        for first in range(0, len(prompt_ids), batch_size):
-            chunk = prompt_ids[first: first + batch_size]
-            generate_speculative(model, drafter, chunk, max_new_tokens, SamplingParams(), [stop_ids] * len(chunk),
-                                 torch.arange(len(chunk)), "sequential", spec, trace=trace)
+        for ids in prompt_ids:
+            generate_speculative(model, drafter, [ids], max_new_tokens, SamplingParams(), [stop_ids],
+                                 torch.arange(1), "sequential", spec, trace=trace)
         return trace
 
     # Sequential and parallel steps draft the same tokens; sequential is the cheaper way to verify all of them.
-    full = drafter.block_size - 1
+    full, spec = drafter.block_size - 1, SpecConfig()
+    width = max(full, spec.lookup_len)
+    long = {"batch": spec.long_copy_batch, "accepted": [], "confidence": []}
     accepted, confidence = [], []
-    for step in traced(SpecConfig(verify_threshold=0.0, lookup_len=0, tree_nodes=0)):
-        keep = step["num_drafts"] == full        # rows near max_new_tokens verify fewer: their acceptance is censored
-        accepted += step["accept_len"][keep].tolist()
-        confidence += step["confidence"][keep].float().round(decimals=4).tolist()
-    # Trees as the engine verifies them by default (its threshold and node budget), here at every batch size: a
-    # row's tree does not depend on the batch. Nodes per row and step are recorded, not a verify length.
-    tree_spec = SpecConfig(lookup_len=0, tree_batch=batch_size)
-    tree = {"nodes": tree_spec.tree_nodes, "threshold": tree_spec.verify_threshold, "batch": SpecConfig().tree_batch,
+    for step in traced(SpecConfig(verify_threshold=0.0, tree_nodes=0)):
+        conf, num, acc = step["confidence"][0].float(), int(step["num_drafts"][0]), int(step["accept_len"][0])
+        # A row near max_new_tokens verifies fewer drafts than it holds: its acceptance is censored.
+        if num == int((conf > 0).sum()):
+            long["accepted"].append(acc)
+            long["confidence"].append(F.pad(conf, (0, width - conf.numel())).round(decimals=4).tolist())
+        if num >= full:
+            accepted.append(min(acc, full))
+            confidence.append(conf[:full].round(decimals=4).tolist())
+    # Trees as the engine verifies them by default (its threshold, node budget and copies). Nodes per step are
+    # recorded, not a verify length.
+    tree = {"nodes": spec.tree_nodes, "threshold": spec.verify_threshold, "batch": spec.tree_batch,
             "accepted": [], "verified": [], "copied": []}
-    for step in traced(tree_spec):
+    for step in traced(spec):
         tree["accepted"] += step["accept_len"].tolist()
         tree["verified"] += step["num_drafts"].tolist()
         tree["copied"] += (step["confidence"] == 1).all(dim=1).tolist()
-    return {"block_size": drafter.block_size, "accepted": accepted, "confidence": confidence,
-            "tree": tree if tree_spec.tree_nodes else None,
+    return {"block_size": drafter.block_size, "accepted": accepted, "confidence": confidence, "long": long,
+            "tree": tree if spec.tree_nodes else None,
             "source": source or f"engine, greedy, {len(prompt_ids)} prompts, {max_new_tokens} new tokens"}
 
 
@@ -99,14 +106,32 @@ def step_seconds(costs: CostTable, mode: str, batch: int, clean_tokens: int, con
     return costs.time(STEP_OPS[mode], batch, clean_tokens, context) + costs.time("loop", batch, clean_tokens)
 
 
-def verify_lengths(profile: dict, threshold: float | None, strategy: str = STRATEGY) -> np.ndarray:
+def chain_rows(profile: dict, batch: int) -> tuple[np.ndarray, list | None]:
+    """(accepted drafts, confidences) per step as the engine verifies chains at this batch size: with long copies up
+    to the profile's ``long["batch"]``, copies cut to the drafter's block above (and in profiles measured before the
+    long view existed)."""
+    long = profile.get("long")
+    if long and long["accepted"] and batch <= long["batch"]:
+        return np.asarray(long["accepted"]), long["confidence"]
+    return np.asarray(profile["accepted"]), profile["confidence"]
+
+
+def verify_lengths(confidence: list | None, rows: int, full: int, threshold: float | None,
+                   strategy: str = STRATEGY) -> np.ndarray:
+    """Drafts each of ``rows`` steps verifies at ``threshold``; all ``full`` where no confidences were recorded."""
     from flexdraft.speculative import SpecConfig, verify_len
 
-    full = profile["block_size"] - 1
-    if profile["confidence"] is None or threshold is None:
-        return np.full(len(profile["accepted"]), full)
-    conf = torch.tensor(profile["confidence"], dtype=torch.float32).reshape(-1, full)
-    return verify_len(conf, SpecConfig(threshold, strategy)).numpy()
+    if confidence is None or threshold is None:
+        return np.full(rows, full)
+    return verify_len(torch.tensor(confidence, dtype=torch.float32), SpecConfig(threshold, strategy)).numpy()
+
+
+def copied_rows(confidence: list | None) -> np.ndarray | None:
+    """Per step, whether its drafts were all copies (confidence 1 in every slot that holds a draft)."""
+    if confidence is None:
+        return None
+    conf = np.asarray(confidence)
+    return (conf[:, 0] == 1) & ((conf == 1) | (conf == 0)).all(axis=1)
 
 
 def draft_pass_skipped(costs: CostTable, copied: np.ndarray | None, rows: np.ndarray, block: int,
@@ -154,19 +179,26 @@ def predict_decode(costs: CostTable, profile: dict, mode: str, batch: int, thres
     if mode == "ar":
         step = step_seconds(costs, "ar", batch, 1, context)
         return {"tokens_per_step": float(batch), "step_s": step, "tokens_per_s": batch / step, "verify_len": 0.0}
-    accepted = np.asarray(profile["accepted"])
+    accepted, confidence = chain_rows(profile, batch)
     if accepted.size == 0:
         raise ValueError("the acceptance profile is empty: measure it on more prompts or more new tokens")
-    v = verify_lengths(profile, threshold, strategy)
+    full = len(confidence[0]) if confidence else profile["block_size"] - 1
+    v = verify_lengths(confidence, accepted.size, full, threshold, strategy)
     rows = np.random.default_rng(seed).integers(0, accepted.size, (samples, batch))
     verified = v[rows]
     gained = (1 + np.minimum(accepted[rows], verified)).sum(axis=1)
     longest = verified.max(axis=1)
-    by_len = {int(n): step_seconds(costs, mode, batch, int(n) + 1, context) for n in np.unique(longest)}
-    step = float(np.mean([by_len[int(n)] for n in longest]))
-    if mode == "sequential" and profile["confidence"] is not None:
-        copied = (np.asarray(profile["confidence"]) == 1).all(axis=1)
-        step -= draft_pass_skipped(costs, copied, rows, profile["block_size"], context)
+    copied = copied_rows(confidence)
+    all_copy = np.zeros(samples, dtype=bool) if copied is None else copied[rows].all(axis=1)
+    block = profile["block_size"]
+    draft = costs.time("draft", batch, block, context) + costs.time("head", batch, block - 1)
+    # A step where every row copies runs no draft pass before it and, in parallel mode, verifies alone (a sequential
+    # step's target pass); the parallel step after it opens with the draft pass (copies taken as independent).
+    steps = {(int(n), bool(c)): step_seconds(costs, "sequential" if c else mode, batch, int(n) + 1, context)
+             - (draft if c else 0.0) for n, c in set(zip(longest.tolist(), all_copy.tolist()))}
+    step = float(np.mean([steps[(int(n), bool(c))] for n, c in zip(longest, all_copy)]))
+    if mode == "parallel":
+        step += float(all_copy.mean()) * float((~all_copy).mean()) * draft
     return {"tokens_per_step": float(gained.mean()), "step_s": step, "tokens_per_s": float(gained.mean()) / step,
             "verify_len": float(verified.mean())}
 

@@ -291,8 +291,11 @@ def grid_points(grid: Grid, block: int, mask_share: float = 1.0, tree_tokens: in
 def cost_calls(model, drafter, grid: Grid) -> dict:
     """{(op, batch, tokens, context): call} for every grid point (one cache per batch size and context, shared)."""
     shape = Shape.of(model, drafter)
-    # Tree steps (sequential steps at small batch) pass the bonus and up to ``tree_nodes`` nodes through the target.
-    points = grid_points(grid, drafter.block_size, shape.tuned / shape.layers, SpecConfig().tree_nodes + 1)
+    # Tree steps and long copies (at small batch) pass the bonus and up to ``tree_nodes`` nodes, or a copy of
+    # ``lookup_len`` drafts, through the target.
+    spec = SpecConfig()
+    points = grid_points(grid, drafter.block_size, shape.tuned / shape.layers,
+                         max(spec.tree_nodes, spec.lookup_len) + 1)
     lengths = {}
     for _, b, q, ctx in points:
         lengths[(b, ctx)] = max(lengths.get((b, ctx), 0), ctx + q + 1)

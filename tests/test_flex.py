@@ -116,14 +116,40 @@ def test_sequential_steps_skip_the_draft_pass_where_every_row_copies():
     draft = costs.time("draft", 1, 16, 256) + costs.time("head", 1, 15)
     full = predict_decode(costs, profile, "sequential", 1, None, 256)
     assert predict_decode(costs, copies, "sequential", 1, None, 256)["step_s"] == pytest.approx(full["step_s"] - draft)
-    assert predict_decode(costs, copies, "parallel", 1, None, 256) == predict_decode(costs, profile, "parallel", 1,
-                                                                                      None, 256)
+    # A parallel step whose rows all copy verifies alone: the sequential step without its draft pass.
+    assert predict_decode(costs, copies, "parallel", 1, None, 256)["step_s"] == pytest.approx(full["step_s"] - draft)
     half = {**profile, "confidence": [[1.0] * 15 if i % 2 else c for i, c in enumerate(profile["confidence"])]}
     one, many = (predict_decode(costs, half, "sequential", b, None, 256) for b in (1, 8))
     assert one["step_s"] < predict_decode(costs, profile, "sequential", 1, None, 256)["step_s"]
+    # In parallel mode a copy step leaves no drafts: the parallel step after it opens with the draft pass.
+    copy_share = predict_decode(costs, half, "parallel", 1, None, 256, samples=4000)
+    parallel = predict_decode(costs, profile, "parallel", 1, None, 256)["step_s"]
+    expected = 0.5 * (full["step_s"] - draft) + 0.5 * parallel + 0.25 * draft
+    assert copy_share["step_s"] == pytest.approx(expected, rel=0.05)
     # At batch 8 every row must copy: 1 in 256 batches.
     assert many["step_s"] == pytest.approx(predict_decode(costs, profile, "sequential", 8, None, 256)["step_s"],
                                            rel=0.01)
+
+
+def test_long_copies_are_predicted_where_the_engine_drafts_them():
+    """At batch <= the profile's ``long["batch"]`` copies run past the drafter's block (the engine's lookup_len), and
+    the chain steps are predicted from those rows; larger batches from the rows cut to the block."""
+    costs = CostTable.from_rows(synthetic_costs())
+    profile = synthetic_profile(2.0)
+    width = 24
+    pad = lambda c: c + [0.0] * (width - len(c))   # noqa: E731
+    long_rows = [pad([1.0] * 20) if i % 4 == 0 else pad(c) for i, c in enumerate(profile["confidence"])]
+    long_accepted = [18 if i % 4 == 0 else a for i, a in enumerate(profile["accepted"])]
+    long = {**profile, "long": {"batch": 1, "accepted": long_accepted, "confidence": long_rows}}
+    for mode in ("sequential", "parallel"):
+        one, cut = predict_decode(costs, long, mode, 1, 0.1, 256), predict_decode(costs, profile, mode, 1, 0.1, 256)
+        assert one["tokens_per_step"] > cut["tokens_per_step"] + 2 and one["verify_len"] > cut["verify_len"]
+        assert predict_decode(costs, long, mode, 2, 0.1, 256) == predict_decode(costs, profile, mode, 2, 0.1, 256)
+    # Every row a 20-token copy: 20 drafts verified whatever the threshold, without a draft pass or mask groups.
+    copies = {**profile, "long": {"batch": 1, "accepted": [19] * 100, "confidence": [pad([1.0] * 20)] * 100}}
+    got = predict_decode(costs, copies, "parallel", 1, 0.9, 256)
+    assert got["verify_len"] == 20 and got["tokens_per_step"] == 20
+    assert got == predict_decode(costs, copies, "sequential", 1, 0.9, 256)
 
 
 def test_policy_between_batch_sizes_and_beyond():

@@ -345,6 +345,20 @@ def step_choice(choose_mode, batch_size: int) -> tuple[str, float | None]:
     return choice if isinstance(choice, tuple) else (choice, None)
 
 
+def may_verify_trees(mode, spec: SpecConfig, batch_size: int) -> bool:
+    """Whether a step of ``mode`` may verify a tree: a sequential step (a parallel one with ``parallel_trees``) at a
+    batch size up to ``spec.tree_batch``. A flex policy (``FlexPolicy``: its ``choices`` are fixed, so asking it is
+    free of side effects) is asked at each batch size a batch of ``batch_size`` can shrink to; any other callable may
+    choose sequential."""
+    if spec.parallel_trees:
+        return True
+    if not callable(mode):
+        return mode == "sequential"
+    if getattr(mode, "choices", None) is None:
+        return True
+    return any(step_choice(mode, b)[0] == "sequential" for b in range(1, min(batch_size, spec.tree_batch) + 1))
+
+
 @torch.no_grad()
 def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[list[int]], max_new_tokens: int,
                          params: SamplingParams, stop_ids: list[list[int]], seeds: torch.Tensor,
@@ -356,7 +370,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     ``trace`` (a list, optional) receives one dict per step: mode, drafts' confidence [B, Bs-1], num_drafts and
     accept_len [B] (CPU tensors; None for an ``ar`` step). The roofline harness reads acceptance profiles from it."""
     choose_mode = mode if callable(mode) else (lambda _batch_size: mode)
-    if mode == "parallel" and not spec.parallel_trees:   # its steps verify chains: no tree candidates needed
+    if not may_verify_trees(mode, spec, len(prompts)):   # chains only: the head drafts no tree candidates
         spec = replace(spec, tree_nodes=0)
     device = model.device
     block = drafter.block_size

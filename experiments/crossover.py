@@ -141,9 +141,13 @@ def draft_pass_skipped(costs: CostTable, copied: np.ndarray | None, rows: np.nda
     copies, confidence 1), ``rows`` [samples, batch] the sampled batches."""
     if copied is None or len(copied) == 0:
         return 0.0
-    batch = rows.shape[1]
     every_row_copies = float(np.asarray(copied, dtype=bool)[rows].all(axis=1).mean())
-    return every_row_copies * (costs.time("draft", batch, block, context) + costs.time("head", batch, block - 1))
+    return every_row_copies * draft_seconds(costs, rows.shape[1], block, context)
+
+
+def draft_seconds(costs: CostTable, batch: int, block: int, context: float) -> float:
+    """The draft pass and draft head that open a step after a sequential one (and that a copy step does without)."""
+    return costs.time("draft", batch, block, context) + costs.time("head", batch, block - 1)
 
 
 def predict_tree(costs: CostTable, profile: dict, batch: int, context: float = 256, samples: int = 400,
@@ -190,8 +194,7 @@ def predict_decode(costs: CostTable, profile: dict, mode: str, batch: int, thres
     longest = verified.max(axis=1)
     copied = copied_rows(confidence)
     all_copy = np.zeros(samples, dtype=bool) if copied is None else copied[rows].all(axis=1)
-    block = profile["block_size"]
-    draft = costs.time("draft", batch, block, context) + costs.time("head", batch, block - 1)
+    draft = draft_seconds(costs, batch, profile["block_size"], context)
     # A step where every row copies runs no draft pass before it and, in parallel mode, verifies alone (a sequential
     # step's target pass); the parallel step after it opens with the draft pass (copies taken as independent).
     steps = {(int(n), bool(c)): step_seconds(costs, "sequential" if c else mode, batch, int(n) + 1, context)

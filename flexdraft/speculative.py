@@ -345,18 +345,21 @@ def step_choice(choose_mode, batch_size: int) -> tuple[str, float | None]:
     return choice if isinstance(choice, tuple) else (choice, None)
 
 
+def verifies_trees(step_mode: str, spec: SpecConfig) -> bool:
+    """Whether a step of ``step_mode`` verifies a tree where the batch is small enough (``spec.tree_batch``) and the
+    drafts carry candidates: a sequential step, and a parallel one with ``parallel_trees``."""
+    return step_mode == "sequential" or (step_mode == "parallel" and spec.parallel_trees)
+
+
 def may_verify_trees(mode, spec: SpecConfig, batch_size: int) -> bool:
-    """Whether a step of ``mode`` may verify a tree: a sequential step (a parallel one with ``parallel_trees``) at a
-    batch size up to ``spec.tree_batch``. A flex policy (``FlexPolicy``: its ``choices`` are fixed, so asking it is
-    free of side effects) is asked at each batch size a batch of ``batch_size`` can shrink to; any other callable may
-    choose sequential."""
-    if spec.parallel_trees:
-        return True
+    """Whether some step of ``mode`` may verify a tree, so that the head must draft tree candidates. A flex policy
+    (``FlexPolicy``: its ``choices`` are fixed, so asking it is free of side effects) is asked at each batch size up
+    to ``spec.tree_batch`` that a batch of ``batch_size`` can shrink to; any other callable may choose anything."""
     if not callable(mode):
-        return mode == "sequential"
+        return verifies_trees(mode, spec)
     if getattr(mode, "choices", None) is None:
         return True
-    return any(step_choice(mode, b)[0] == "sequential" for b in range(1, min(batch_size, spec.tree_batch) + 1))
+    return any(verifies_trees(step_choice(mode, b)[0], spec) for b in range(1, min(batch_size, spec.tree_batch) + 1))
 
 
 @torch.no_grad()
@@ -419,8 +422,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
         step = STEPS[step_mode]
-        tree_mode = step_mode == "sequential" or (step_mode == "parallel" and spec.parallel_trees)
-        if tree_mode and drafts.top is not None and batch.size <= spec.tree_batch:
+        if verifies_trees(step_mode, spec) and drafts.top is not None and batch.size <= spec.tree_batch:
             # The tree's paths reach as deep as the chain would verify, and a copy as far as it runs (within the
             # slots a tree step holds).
             step, num_drafts = TREE_STEPS[step_mode], build_tree(

@@ -101,9 +101,11 @@ def acceptance_curve(profile: dict) -> list[float]:
 
 # ---- prediction ------------------------------------------------------------------------------------------------------
 def step_seconds(costs: CostTable, mode: str, batch: int, clean_tokens: int, context: float) -> float:
-    """One decode step of ``mode``, ``clean_tokens`` = the batch's longest verify length + 1: the engine's step
-    and the loop's bookkeeping."""
-    return costs.time(STEP_OPS[mode], batch, clean_tokens, context) + costs.time("loop", batch, clean_tokens)
+    """One decode step of ``mode``, ``clean_tokens`` = the batch's longest verify length + 1: the engine's step,
+    the loop's bookkeeping and, in a speculative step, the prompt-lookup proposal (stores measured before it was an
+    op leave it out)."""
+    lookup = costs.time("lookup", batch, 1) if mode != "ar" and "lookup" in costs.points else 0.0
+    return costs.time(STEP_OPS[mode], batch, clean_tokens, context) + costs.time("loop", batch, clean_tokens) + lookup
 
 
 def chain_rows(profile: dict, batch: int) -> tuple[np.ndarray, list | None]:

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLORS = {"ar": "#555555", "sequential": "#1f77b4", "parallel": "#d62728", "flex": "#2ca02c", "hf": "#9467bd",
           "hf-lookup": "#8c564b"}
 MARKERS = {"target": "o", "draft": "s", "head": "^", "prefill": "D", "step_ar": "x", "step_sequential": "v",
-           "step_parallel": "P", "loop": "."}
+           "step_parallel": "P", "loop": ".", "lookup": ","}
 
 
 def _save(fig, path: Path) -> Path:

@@ -238,7 +238,7 @@ def section_acceptance(entry: dict | None, bench: dict | None, out: Path, lines:
 def section_roofline(entry: dict, out: Path, lines: list[str]) -> None:
     c = entry["ceilings"]
     points = floors(entry["costs"], c)
-    plots.roofline([p for p in points if p["op"] != "loop"], c, out / "roofline.png")
+    plots.roofline([p for p in points if p["op"] not in ("loop", "lookup")], c, out / "roofline.png")
     context = min(p["context"] for p in points if p["op"] == "target")
     df = pd.DataFrame([p for p in points if p["context"] in (context, 0)])
     lines += ["## Roofline", "",

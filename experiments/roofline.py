@@ -12,7 +12,9 @@ Ops (``tokens`` is query tokens per sequence, the clean tokens of a step: the ve
   step_parallel    the engine's parallel step: ``tokens`` clean tokens beside ``tokens`` mask groups of B_s masks
                    in the tuned layers, greedy verification, draft head
   loop             the decode loop's bookkeeping per step (outputs, stops, verify lengths, histogram)
-The step ops call the engine's own step functions, so a prediction built on them misses only what ``loop`` times.
+  lookup           a speculative step's prompt-lookup proposal (every speculative step looks for a copy)
+The step ops call the engine's own step functions, so a prediction built on them misses only what ``loop`` and
+``lookup`` time.
 
 Floors: bytes moved over the measured bandwidth (a large copy), FLOPs over the measured peak (a large GEMM).
 ``work`` is the bytes and FLOPs model: weights read once per pass, K/V read once per sequence, useful FLOPs only.
@@ -33,7 +35,7 @@ from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import Drafts, SpecConfig, draft_pass, mask_block, next_drafts, verify_len
 
-OPS = ("target", "draft", "head", "prefill", "step_ar", "step_sequential", "step_parallel", "loop")
+OPS = ("target", "draft", "head", "prefill", "step_ar", "step_sequential", "step_parallel", "loop", "lookup")
 STEP_OPS = {"ar": "step_ar", "sequential": "step_sequential", "parallel": "step_parallel"}
 
 
@@ -109,8 +111,8 @@ class Shape:
 def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[float, float]:
     """(FLOPs, bytes) of one call of ``op``."""
     lm = s.vocab * s.hidden
-    if op.startswith("step_") or op == "loop":
-        parts = {"step_ar": [("target", 1)], "loop": [],
+    if op.startswith("step_") or op in ("loop", "lookup"):
+        parts = {"step_ar": [("target", 1)], "loop": [], "lookup": [],
                  "step_sequential": [("target", tokens), ("draft", s.block), ("head", s.block - 1), ("verify", tokens)],
                  "step_parallel": [("parallel", tokens), ("head", s.block - 1), ("verify", tokens)]}[op]
         totals = [work(part, s, batch, q, context) for part, q in parts]
@@ -253,6 +255,14 @@ def op_call(op: str, model, drafter, cache, batch: int, tokens: int, context: in
             room = record.max_new_tokens - record.generated[record.rows]
             torch.minimum(verify_len(drafts.confidence, spec), (room - 1).clamp(min=1))
             return torch.bincount(gained, minlength=block + 1).tolist()
+    elif op == "lookup":
+        from flexdraft.lookup import PromptLookup
+
+        proposals = PromptLookup(torch.randint(0, vocab, (batch, max(context, 8)), generator=g).tolist(), device)
+        record = Batch(batch, 4 * block, [[-1]] * batch, device)
+
+        def call():
+            return proposals.propose(record, block - 1)
     else:
         raise ValueError(f"unknown op {op!r}")
 
@@ -282,7 +292,7 @@ def grid_points(grid: Grid, block: int, mask_share: float = 1.0, tree_tokens: in
                        for q in within(tokens[1:], lambda q: b * (q + block * mask_share))]
             points += [("step_parallel", b, q, ctx)
                        for q in within(tokens[1:], lambda q: b * q * (1 + block * mask_share))]
-        points += [("head", b, block - 1, 0)] + [("loop", b, q, 0) for q in tokens]
+        points += [("head", b, block - 1, 0), ("lookup", b, block, 0)] + [("loop", b, q, 0) for q in tokens]
     prefill_budget = grid.max_prefill_tokens or float("inf")
     points += [("prefill", b, grid.prompt_len, 0)
                for b in within(sorted(grid.batches), lambda b: b * grid.prompt_len, prefill_budget)]

@@ -107,6 +107,23 @@ def test_tree_steps_are_predicted_from_the_tree_profile_where_the_engine_verifie
     assert row["sequential"]["verify_threshold"] is None and row["sequential"]["tree_nodes"] == 8
 
 
+def test_speculative_steps_pay_for_the_lookup_proposal_and_ar_steps_do_not():
+    """Every speculative step looks for a prompt-lookup copy (the engine's default); an ``ar`` step does not. Stores
+    measured before the ``lookup`` op existed predict without it."""
+    from experiments.crossover import step_seconds
+
+    rows = [r for r in synthetic_costs() if r["op"] != "lookup" or r["batch"] != 4] + [
+        {"op": "lookup", "batch": 4, "tokens": 16, "context": 0, "seconds": 0.5, "flops": 0.0, "bytes": 0.0}]
+    costs = CostTable.from_rows(rows)
+    base = {m: costs.time(op, 4, 5, 256) + costs.time("loop", 4, 5) for m, op in
+            (("ar", "step_ar"), ("sequential", "step_sequential"), ("parallel", "step_parallel"))}
+    assert step_seconds(costs, "ar", 4, 5, 256) == pytest.approx(base["ar"])
+    for mode in ("sequential", "parallel"):
+        assert step_seconds(costs, mode, 4, 5, 256) == pytest.approx(base[mode] + 0.5)
+    old = CostTable.from_rows([r for r in rows if r["op"] != "lookup"])
+    assert step_seconds(old, "sequential", 4, 5, 256) == pytest.approx(base["sequential"])
+
+
 def test_sequential_steps_skip_the_draft_pass_where_every_row_copies():
     """The step_sequential op times the draft pass that opens the next step; the engine skips it where every row of
     the batch copies its drafts (confidence 1), so the prediction takes off its share."""

@@ -235,10 +235,14 @@ def crossover(costs: CostTable, profile: dict, batches, context: float, strategy
             tried = (None,) if trees_at(profile, mode, b) else thresholds
             row[mode] = max(({**predict_decode(costs, profile, mode, b, t, context, strategy), "verify_threshold": t}
                              for t in tried), key=lambda p: p["tokens_per_s"])
-        choice = max(SPEC_MODES, key=lambda m: row[m]["tokens_per_s"])
-        if row[choice]["tokens_per_s"] < margin * row["ar"]["tokens_per_s"]:
-            choice = "ar"
-        row["choice"] = {"mode": choice, "verify_threshold": row[choice].get("verify_threshold")}
+        best = max(SPEC_MODES, key=lambda m: row[m]["tokens_per_s"])
+        speedup = row[best]["tokens_per_s"] / row["ar"]["tokens_per_s"]
+        choice = best if speedup >= margin else "ar"
+        # The best speculative mode even where ar is chosen: flex's controller weighs it against the acceptance a
+        # generate call observes (FlexController).
+        row["choice"] = {"mode": choice, "verify_threshold": row[choice].get("verify_threshold"),
+                         "speculative": {"mode": best, "verify_threshold": row[best].get("verify_threshold"),
+                                         "speedup": speedup, "tokens_per_step": row[best]["tokens_per_step"] / b}}
         by_batch[int(b)] = row
     crossing = None   # the smallest batch size from which sequential is never behind parallel
     for b in sorted(by_batch, reverse=True):
@@ -329,6 +333,13 @@ def build_entry(costs_rows: list[dict], ceilings: dict, profile: dict, shape: di
 
 
 # ---- what --mode flex reads ------------------------------------------------------------------------------------------
+def at_batch(table: dict, batch_size: int):
+    """``table``'s entry for ``batch_size``: the largest listed batch size below it, else the smallest listed."""
+    sizes = sorted(table)
+    below = [s for s in sizes if s <= batch_size]
+    return table[below[-1] if below else sizes[0]]
+
+
 @dataclass
 class FlexPolicy:
     """Flex Decoding's choice per batch size: ``policy(batch_size) -> (mode, verify_threshold)``.
@@ -336,14 +347,23 @@ class FlexPolicy:
     mode is "parallel", "sequential" or "ar" (where the prediction says speculation does not pay); a threshold of
     None keeps the caller's ``--verify-threshold``. Between listed batch sizes the largest listed one below applies.
     ``source`` says where the choices came from: a measured store entry, or the conservative default.
+    ``speculative`` (measured entries): per batch size the best speculative mode, its threshold, its predicted
+    speedup over ar and tokens per step per row, which ``FlexController`` weighs against observed acceptance.
     """
     choices: dict[int, tuple[str, float | None]]
     source: str
+    speculative: dict[int, dict] | None = None
 
     def __call__(self, batch_size: int) -> tuple[str, float | None]:
-        sizes = sorted(self.choices)
-        below = [s for s in sizes if s <= batch_size]
-        return self.choices[below[-1] if below else sizes[0]]
+        return at_batch(self.choices, batch_size)
+
+    def modes_at(self, batch_size: int) -> set[str]:
+        """The step modes this policy may run at ``batch_size`` (asking is free of side effects)."""
+        return {self(batch_size)[0]}
+
+    def controller(self) -> "FlexController":
+        """The choices for one generate call, corrected by the acceptance it observes."""
+        return FlexController(self)
 
     def describe(self) -> str:
         """'parallel b1 (tau 0.01), sequential b2+': runs of equal choices over batch sizes."""
@@ -356,7 +376,77 @@ class FlexPolicy:
             last = runs[i + 1][0] - 1 if i + 1 < len(runs) else None
             span = f"b{first}+" if last is None else (f"b{first}" if last == first else f"b{first}-{last}")
             out.append(f"{mode} {span}" + ("" if tau is None else f" (tau {tau:g})"))
-        return ", ".join(out)
+        adapts = "; then as the acceptance observed in the call says" if self.speculative else ""
+        return ", ".join(out) + adapts
+
+
+# Measured acceptance leaves the step costs' error only: speculate where predicted this much faster than ar with it.
+OBSERVED_MARGIN = 1.05
+PRIOR_STEPS = 2       # the store's prediction weighs as much as this many observed speculative steps
+# The observed / predicted acceptance is taken at most this high: HumanEval ran at 1.06-1.14x the pooled profile's
+# tokens per step on the AMD host (MT-bench 0.68-0.84x), and a batch size whose prediction falls short of the margin
+# even so is never probed.
+BEST_CASE = 1.5
+PROBE_GAP, MAX_PROBE_GAP = 4, 64   # ar steps before a speculative step probes acceptance again (doubling)
+
+
+class FlexController:
+    """Flex's step choices for one generate call: the store's policy, corrected by the acceptance the call observes.
+
+    The store predicts each batch size's best speculative mode from an acceptance profile pooled over workloads, but
+    one workload accepts more or less (AMD host, batch 1: MT-bench 0.68x the profile's tokens per step, HumanEval
+    1.06x; sampling less than greedy). ``scale`` is observed / predicted tokens per step over the call's speculative
+    steps, with the prediction counted as ``PRIOR_STEPS`` steps. A speculative step runs where scale x predicted
+    speedup reaches ``OBSERVED_MARGIN`` (before any observation: the store's own choice), else an ar step. ar steps
+    observe nothing, so after ``gap`` of them one speculative step probes again; a probe that does not pay doubles the
+    gap. Choices depend on acceptance only, never on time: a call's output is reproducible. Without predictions
+    (the conservative default, older stores) it is the policy itself.
+    """
+
+    def __init__(self, policy: FlexPolicy):
+        self.policy, self.source = policy, policy.source
+        self.observed, self.steps = 0.0, 0    # sum of observed / predicted tokens per step, speculative steps seen
+        self.since_speculative, self.gap = 0, PROBE_GAP
+
+    @property
+    def scale(self) -> float:
+        return min(BEST_CASE, (self.observed + PRIOR_STEPS) / (self.steps + PRIOR_STEPS))
+
+    def pays(self, spec: dict) -> bool:
+        if self.steps == 0:
+            return spec["speedup"] >= SPECULATION_MARGIN
+        return self.scale * spec["speedup"] >= OBSERVED_MARGIN
+
+    def may_speculate(self, spec: dict) -> bool:
+        return spec["speedup"] >= SPECULATION_MARGIN or BEST_CASE * spec["speedup"] >= OBSERVED_MARGIN
+
+    def __call__(self, batch_size: int) -> tuple[str, float | None]:
+        if not self.policy.speculative:
+            return self.policy(batch_size)
+        spec = at_batch(self.policy.speculative, batch_size)
+        probe = self.may_speculate(spec) and self.since_speculative >= self.gap
+        return (spec["mode"], spec["verify_threshold"]) if self.pays(spec) or probe else ("ar", None)
+
+    def modes_at(self, batch_size: int) -> set[str]:
+        if not self.policy.speculative:
+            return self.policy.modes_at(batch_size)
+        spec = at_batch(self.policy.speculative, batch_size)
+        return {"ar", spec["mode"]} if self.may_speculate(spec) else {"ar"}
+
+    def observe(self, mode: str, batch_size: int, tokens_per_row: float) -> None:
+        """After each step: the mode it ran and the tokens it gained per row (bonus included)."""
+        if not self.policy.speculative:
+            return
+        if mode == "ar":
+            self.since_speculative += 1
+            return
+        spec = at_batch(self.policy.speculative, batch_size)
+        probed = not self.pays(spec)
+        self.observed += tokens_per_row / spec["tokens_per_step"]
+        self.steps += 1
+        self.since_speculative = 0
+        if probed:
+            self.gap = PROBE_GAP if self.pays(spec) else min(2 * self.gap, MAX_PROBE_GAP)
 
 
 def default_policy(reason: str) -> FlexPolicy:
@@ -367,8 +457,10 @@ def default_policy(reason: str) -> FlexPolicy:
 
 
 def policy_from_entry(entry: dict, source: str) -> FlexPolicy:
-    choices = {int(b): (c["mode"], c["verify_threshold"]) for b, c in entry["policy"]["choices"].items()}
-    return FlexPolicy(choices, source)
+    stored = {int(b): c for b, c in entry["policy"]["choices"].items()}
+    choices = {b: (c["mode"], c["verify_threshold"]) for b, c in stored.items()}
+    speculative = {b: c["speculative"] for b, c in stored.items() if "speculative" in c}   # absent in older stores
+    return FlexPolicy(choices, source, speculative if len(speculative) == len(stored) else None)
 
 
 def flex_policy(model, drafter, path: str | Path | None = None) -> FlexPolicy:

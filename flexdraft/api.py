@@ -186,7 +186,7 @@ class FlexDraft:
         if mode == "flex":
             from experiments.crossover import flex_policy
 
-            step_mode = flex_policy(self.model, self.drafter)
+            step_mode = flex_policy(self.model, self.drafter).controller()   # one per call: it learns as it goes
         stops = self.stop_ids()
         total, outputs = Stats(), []
         for first in range(0, len(prompt_ids), batch_size):
@@ -194,7 +194,8 @@ class FlexDraft:
             seeds = torch.arange(first, first + len(chunk)) + seed * 1_000_003
             stop_lists = [stops] * len(chunk)
             # Batches only shrink: flex choosing ar at every size this chunk can reach is plain ar (no drafter work).
-            if mode == "ar" or (mode == "flex" and all(step_mode(b)[0] == "ar" for b in range(1, len(chunk) + 1))):
+            plain_ar = mode == "flex" and all(step_mode.modes_at(b) == {"ar"} for b in range(1, len(chunk) + 1))
+            if mode == "ar" or plain_ar:
                 batch, stats = generate_ar(self.model, chunk, max_new_tokens, params, stop_lists, seeds)
                 if mode == "flex":
                     stats.mode_steps["ar"] = stats.target_forwards - 1

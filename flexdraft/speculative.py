@@ -353,13 +353,14 @@ def verifies_trees(step_mode: str, spec: SpecConfig) -> bool:
 
 def may_verify_trees(mode, spec: SpecConfig, batch_size: int) -> bool:
     """Whether some step of ``mode`` may verify a tree, so that the head must draft tree candidates. A flex policy
-    (``FlexPolicy``: its ``choices`` are fixed, so asking it is free of side effects) is asked at each batch size up
-    to ``spec.tree_batch`` that a batch of ``batch_size`` can shrink to; any other callable may choose anything."""
+    says which modes it may run at a batch size (``modes_at``) and is asked at each one up to ``spec.tree_batch``
+    that a batch of ``batch_size`` can shrink to; any other callable may choose anything."""
     if not callable(mode):
         return verifies_trees(mode, spec)
-    if getattr(mode, "choices", None) is None:
+    if not hasattr(mode, "modes_at"):
         return True
-    return any(verifies_trees(step_choice(mode, b)[0], spec) for b in range(1, min(batch_size, spec.tree_batch) + 1))
+    return any(verifies_trees(m, spec) for b in range(1, min(batch_size, spec.tree_batch) + 1)
+               for m in mode.modes_at(b))
 
 
 @torch.no_grad()
@@ -368,7 +369,8 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
                          mode="parallel", spec: SpecConfig = SpecConfig(), trace: list | None = None
                          ) -> tuple[Batch, Stats]:
     """``mode`` is "parallel", "sequential", or a callable chosen each step (flex): ``(batch_size) -> mode`` or
-    ``(batch_size) -> (mode, verify_threshold)``, mode one of ``STEP_MODES``, threshold None for ``spec``'s.
+    ``(batch_size) -> (mode, verify_threshold)``, mode one of ``STEP_MODES``, threshold None for ``spec``'s. A callable
+    with an ``observe(mode, batch_size, tokens_per_row)`` method hears what each step gained (``FlexController``).
 
     ``trace`` (a list, optional) receives one dict per step: mode, drafts' confidence [B, Bs-1], num_drafts and
     accept_len [B] (CPU tensors; None for an ``ar`` step). The roofline harness reads acceptance profiles from it."""
@@ -438,6 +440,8 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             trace[-1]["accept_len"] = accept_len.cpu()
         stats.mode_steps[step_mode] = stats.mode_steps.get(step_mode, 0) + 1
         gained = accept_len + 1
+        if hasattr(choose_mode, "observe"):
+            choose_mode.observe(step_mode, batch.size, float(gained.float().mean()))
         stats.target_forwards += 1
         stats.row_forwards += batch.size
         stats.accept_histogram = [c + int(n) for c, n in zip(

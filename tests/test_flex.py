@@ -76,6 +76,11 @@ def test_speculation_must_beat_ar_by_the_margin():
     above = crossover(costs, synthetic_profile(3.0), [1, 32], context=256, margin=max(gain.values()) * 1.01)
     assert {row["choice"]["mode"] for row in above["by_batch"].values()} == {"ar"}
     assert above["by_batch"][1]["choice"]["verify_threshold"] is None
+    # Where ar is chosen, the best speculative mode is kept for flex's controller, with its predicted speedup.
+    for b, row in above["by_batch"].items():
+        spec = row["choice"]["speculative"]
+        assert spec["mode"] in ("parallel", "sequential") and spec["speedup"] == pytest.approx(gain[b])
+        assert spec["tokens_per_step"] == pytest.approx(row[spec["mode"]]["tokens_per_step"] / b)
 
 
 def test_prediction_counts_the_longest_verify_length_of_the_batch():
@@ -176,6 +181,52 @@ def test_policy_between_batch_sizes_and_beyond():
     assert policy.describe() == "parallel b1-2 (tau 0.1), sequential b3-7, ar b8+"
 
 
+# A store's predictions as the AMD host measured them (batch 1: sequential trees 1.44x ar at 2.5 tokens per step;
+# batch 2: parallel 0.95x; batch 8: 0.62x).
+PREDICTED = {1: {"mode": "sequential", "verify_threshold": None, "speedup": 1.44, "tokens_per_step": 2.5},
+             2: {"mode": "parallel", "verify_threshold": 0.1, "speedup": 0.95, "tokens_per_step": 1.7},
+             8: {"mode": "sequential", "verify_threshold": 0.03, "speedup": 0.62, "tokens_per_step": 1.75}}
+PREDICTED_POLICY = FlexPolicy({1: ("sequential", None), 2: ("ar", None)}, "test", PREDICTED)
+
+
+def run_controller(controller, batch_size, tokens_per_row, steps):
+    """``steps`` steps at one batch size, each speculative one gaining ``tokens_per_row``; the modes chosen."""
+    modes = []
+    for _ in range(steps):
+        mode, _threshold = controller(batch_size)
+        controller.observe(mode, batch_size, tokens_per_row if mode != "ar" else 1.0)
+        modes.append(mode)
+    return modes
+
+
+def test_flex_stops_speculating_where_the_observed_acceptance_does_not_pay_and_probes_ever_less_often():
+    controller = PREDICTED_POLICY.controller()
+    modes = run_controller(controller, 1, 1.6, 40)     # MT-bench sampled: 0.64x the predicted tokens per step
+    assert modes[0] == "sequential" and modes[-1] == "ar"
+    probes = [i for i, m in enumerate(modes) if m == "sequential"]
+    gaps = np.diff(probes)[-3:] - 1                    # ar steps between the last probes: doubling
+    assert gaps.tolist() == [4, 8, 16]
+    assert controller.scale * PREDICTED[1]["speedup"] < 1.05
+
+
+def test_flex_speculates_where_the_store_chose_ar_once_the_observed_acceptance_pays():
+    controller = PREDICTED_POLICY.controller()
+    modes = run_controller(controller, 2, 2.4, 12)      # HumanEval at batch 2: 1.4x the predicted tokens per step
+    assert modes[:4] == ["ar"] * 4 and set(modes[4:]) == {"parallel"}
+    assert controller(2) == ("parallel", 0.1)
+    # Where the prediction falls short even at the best case, flex never probes: plain ar.
+    assert controller.modes_at(8) == {"ar"} and set(run_controller(controller, 8, 9.0, 100)) == {"ar"}
+    assert controller.modes_at(1) == {"ar", "sequential"} and controller.modes_at(2) == {"ar", "parallel"}
+
+
+def test_flex_keeps_speculating_where_the_observed_acceptance_pays():
+    controller = PREDICTED_POLICY.controller()
+    assert set(run_controller(controller, 1, 2.3, 30)) == {"sequential"}   # 0.92x the prediction: 1.32x ar
+    # A policy without predictions (the conservative default, older stores) is followed as it is.
+    plain = FlexPolicy({1: ("parallel", None), 2: ("sequential", None)}, "default").controller()
+    assert run_controller(plain, 1, 1.0, 5) == ["parallel"] * 5 and plain.modes_at(2) == {"sequential"}
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, _ = tiny_target("llama", seed=3, max_position_embeddings=512)
@@ -241,11 +292,48 @@ def test_flex_by_batch_size_is_lossless_as_the_batch_shrinks(tiny, batch_size):
         assert len(stats.mode_steps) >= 3       # sequential, ar and parallel all ran while the batch shrank
 
 
-@pytest.mark.parametrize("choices, speculative_runs", [({1: ("ar", None)}, False),
-                                                        ({1: ("ar", None), 2: ("sequential", None)}, True)],
-                         ids=["ar-everywhere", "sequential-from-2"])
-def test_flex_that_picks_ar_everywhere_runs_the_plain_ar_loop(tiny, monkeypatch, choices, speculative_runs):
-    """The CPU's measured case: no drafter work at all where flex picks ar at every batch size a chunk can reach."""
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.95)],
+                         ids=["greedy", "sampled"])
+def test_flex_that_learns_from_acceptance_hears_every_step_and_stays_lossless(tiny, params):
+    """An untrained drafter accepts far less than the store predicts: the controller hears each step's gain, turns to
+    ar steps and probes now and then. Greedy output equals ar; sampled output is what the same seeds give again."""
+    model, drafter = tiny
+    prompts = random_prompts(model.config.vocab_size, [5, 9, 3], seed=4)
+    optimistic = {1: {**PREDICTED[1], "tokens_per_step": 4.0},
+                  2: {**PREDICTED[2], "speedup": 1.3, "tokens_per_step": 3.0}}
+    policy = FlexPolicy({1: ("sequential", None), 2: ("parallel", 0.1)}, "test", optimistic)
+    stops = [[-1]] * 3
+
+    def run():
+        controller, heard = policy.controller(), []
+        listen = controller.observe
+        controller.observe = lambda *a: heard.append(a) or listen(*a)
+        out, stats = generate_speculative(model, drafter, prompts, 40, params, stops, torch.arange(3), controller)
+        return out.results(), stats, heard, controller
+
+    got, stats, heard, controller = run()
+    assert len(heard) == sum(stats.mode_steps.values()) and [b for _, b, _ in heard] == sorted(
+        (b for _, b, _ in heard), reverse=True)
+    speculative_steps = sum(n for m, n in stats.mode_steps.items() if m != "ar")
+    assert "ar" in stats.mode_steps and speculative_steps > 0 and controller.steps == speculative_steps
+    assert controller.scale < 1
+    if params.greedy:
+        expected, _ = generate_ar(model, prompts, 40, params, stops, torch.arange(3))
+        assert got == expected.results()
+    again, stats_again, _, _ = run()
+    assert again == got and stats_again.mode_steps == stats.mode_steps
+
+
+@pytest.mark.parametrize("choices, predicted, speculative_runs", [
+    ({1: ("ar", None)}, None, False),
+    ({1: ("ar", None), 2: ("sequential", None)}, None, True),
+    ({1: ("ar", None)}, {1: PREDICTED[8]}, False),      # never worth a probe
+    ({1: ("ar", None)}, {1: PREDICTED[2]}, True)],      # probes: the observed acceptance may pay
+    ids=["ar-everywhere", "sequential-from-2", "ar-predicted-far-below", "ar-predicted-near"])
+def test_flex_that_picks_ar_everywhere_runs_the_plain_ar_loop(tiny, monkeypatch, choices, predicted,
+                                                              speculative_runs):
+    """The CPU's measured case: no drafter work at all where flex picks ar at every batch size a chunk can reach,
+    and no speculative step can pay even at the best acceptance it may observe. Each call learns afresh."""
     import experiments.crossover
     import flexdraft.speculative
     from flexdraft.api import FlexDraft
@@ -265,13 +353,15 @@ def test_flex_that_picks_ar_everywhere_runs_the_plain_ar_loop(tiny, monkeypatch,
     original = flexdraft.speculative.generate_speculative
     monkeypatch.setattr(flexdraft.speculative, "generate_speculative",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(experiments.crossover, "flex_policy", lambda *_: FlexPolicy(choices, "test"))
+    monkeypatch.setattr(experiments.crossover, "flex_policy", lambda *_: FlexPolicy(choices, "test", predicted))
     fd = FlexDraft(model, Tokenizer(), "tiny", drafter)
     prompts = random_prompts(model.config.vocab_size, [3, 8, 5], seed=11)
     ar = fd.generate(prompt_ids=prompts, mode="ar", max_new_tokens=10, batch_size=2)
     flex = fd.generate(prompt_ids=prompts, mode="flex", max_new_tokens=10, batch_size=2)
     assert [o["token_ids"] for o in flex.outputs] == [o["token_ids"] for o in ar.outputs]
     assert bool(calls) == speculative_runs
+    again = fd.generate(prompt_ids=prompts, mode="flex", max_new_tokens=10, batch_size=2)
+    assert again.outputs == flex.outputs and again.stats.mode_steps == flex.stats.mode_steps
     if not speculative_runs:
         assert flex.stats.mode_steps == {"ar": flex.stats.target_forwards - 2} and flex.stats.mask_tokens == 0
 

@@ -155,16 +155,14 @@ def draft_seconds(costs: CostTable, batch: int, block: int, context: float) -> f
 def predict_tree(costs: CostTable, profile: dict, batch: int, context: float = 256, samples: int = 400,
                  seed: int = 0) -> dict:
     """Sequential steps that verify trees (``profile["tree"]``): a step gains each row's accepted drafts + 1 and verifies
-    the batch's largest tree. Its cost is the chain step's over a full block with the target's pass swapped for one
-    over the tree's nodes, each seeing its ancestors (the ``target_tree`` op; stores measured before it had the
-    causal ``target`` pass, ~9 ms a step short at batch 1 on the AMD host). The cache compaction is not timed apart."""
+    the batch's largest tree. Its cost is the chain step's over a full block plus the target pass's extra query
+    tokens (the ``target`` op's; the tree's visibility and the cache compaction are not timed apart)."""
     tree, block = profile["tree"], profile["block_size"]
     accepted, verified = np.asarray(tree["accepted"]), np.asarray(tree["verified"])
     rows = np.random.default_rng(seed).integers(0, accepted.size, (samples, batch))
     gained = (1 + accepted[rows]).sum(axis=1)
     chain = step_seconds(costs, "sequential", batch, block, context) - costs.time("target", batch, block, context)
-    tree_pass = "target_tree" if "target_tree" in costs.points else "target"
-    by_nodes = {int(n): chain + costs.time(tree_pass, batch, int(n) + 1, context)
+    by_nodes = {int(n): chain + costs.time("target", batch, int(n) + 1, context)
                 for n in np.unique(verified[rows].max(axis=1))}
     step = float(np.mean([by_nodes[int(n)] for n in verified[rows].max(axis=1)]))
     step -= draft_pass_skipped(costs, tree.get("copied"), rows, block, context)

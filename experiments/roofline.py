@@ -34,10 +34,8 @@ from flexdraft.batch import Batch
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import Drafts, SpecConfig, draft_pass, mask_block, next_drafts, verify_len
-from kernels.block_attention import tree_bits
 
-OPS = ("target", "target_tree", "draft", "head", "prefill", "step_ar", "step_sequential", "step_parallel", "loop",
-       "lookup")
+OPS = ("target", "draft", "head", "prefill", "step_ar", "step_sequential", "step_parallel", "loop", "lookup")
 STEP_OPS = {"ar": "step_ar", "sequential": "step_sequential", "parallel": "step_parallel"}
 
 
@@ -119,7 +117,7 @@ def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[floa
                  "step_parallel": [("parallel", tokens), ("head", s.block - 1), ("verify", tokens)]}[op]
         totals = [work(part, s, batch, q, context) for part, q in parts]
         return float(sum(f for f, _ in totals)), float(sum(b for _, b in totals))
-    if op in ("target", "target_tree", "parallel"):
+    if op in ("target", "parallel"):
         t = batch * tokens
         flops = 2.0 * t * (s.layers * s.layer_params + lm) + s.layers * s.attention_flops(t, context + (tokens + 1) / 2)
         moved = s.itemsize * (s.layers * s.layer_params + lm) + s.kv_bytes(s.layers, batch * (context + tokens))
@@ -220,14 +218,6 @@ def op_call(op: str, model, drafter, cache, batch: int, tokens: int, context: in
         def call():
             hidden, _ = model(ids, positions, cache)
             return model.logits(hidden)
-    elif op == "target_tree":
-        # A tree step's pass: each node sees the cache and its ancestors through bitmasks (a chain's here: the
-        # visibility's cost does not depend on the tree's shape), not the causal limit a chain's pass uses.
-        bits = tree_bits(torch.ones(tokens, tokens, dtype=torch.bool).tril().expand(batch, -1, -1)).to(device)
-
-        def call():
-            hidden, _ = model(ids, positions, cache, tree=(positions, bits))
-            return model.logits(hidden)
     elif op == "draft":
         masks = mask_block(lengths - 1, 1, block)
         empty = torch.empty(batch, 0, dtype=torch.int64, device=device)
@@ -283,11 +273,9 @@ def op_call(op: str, model, drafter, cache, batch: int, tokens: int, context: in
     return run
 
 
-def grid_points(grid: Grid, block: int, mask_share: float = 1.0, tree_tokens: int = 0,
-                tree_batch: int = 0) -> list[tuple[str, int, int, int]]:
+def grid_points(grid: Grid, block: int, mask_share: float = 1.0, tree_tokens: int = 0) -> list[tuple[str, int, int, int]]:
     """(op, batch, tokens, context) of every point the harness measures; ``mask_share`` = tuned / all layers. The
-    target's pass is also measured up to ``tree_tokens`` query tokens (a tree step's bonus and nodes, or a long copy),
-    and with a tree's visibility where trees are verified (batch <= ``tree_batch``)."""
+    target's pass is also measured up to ``tree_tokens`` query tokens (a tree step's bonus and nodes)."""
     tokens = sorted({t for t in grid.tokens if t <= block} | {block})
     target_tokens = sorted(set(tokens) | {t for t in grid.tokens if t <= tree_tokens} | ({tree_tokens} - {0}))
     budget = grid.max_call_tokens or float("inf")
@@ -299,8 +287,6 @@ def grid_points(grid: Grid, block: int, mask_share: float = 1.0, tree_tokens: in
     for b in grid.batches:
         for ctx in grid.contexts:
             points += [("target", b, q, ctx) for q in within(target_tokens, lambda q: b * q)]
-            if b <= tree_batch:
-                points += [("target_tree", b, q, ctx) for q in target_tokens if 2 <= q <= tree_tokens]
             points += [("draft", b, block, ctx), ("step_ar", b, 1, ctx)]
             points += [("step_sequential", b, q, ctx)
                        for q in within(tokens[1:], lambda q: b * (q + block * mask_share))]
@@ -320,7 +306,7 @@ def cost_calls(model, drafter, grid: Grid) -> dict:
     # ``lookup_len`` drafts, through the target.
     spec = SpecConfig()
     points = grid_points(grid, drafter.block_size, shape.tuned / shape.layers,
-                         max(spec.tree_nodes, spec.lookup_len) + 1, spec.tree_batch if spec.tree_nodes else 0)
+                         max(spec.tree_nodes, spec.lookup_len) + 1)
     lengths = {}
     for _, b, q, ctx in points:
         lengths[(b, ctx)] = max(lengths.get((b, ctx), 0), ctx + q + 1)

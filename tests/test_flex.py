@@ -110,12 +110,6 @@ def test_tree_steps_are_predicted_from_the_tree_profile_where_the_engine_verifie
     assert predict_decode(costs, tree, "parallel", 1, 0.1, 256) == predict_decode(costs, chain, "parallel", 1, 0.1, 256)
     row = crossover(costs, tree, [1], context=256)["by_batch"][1]
     assert row["sequential"]["verify_threshold"] is None and row["sequential"]["tree_nodes"] == 8
-    # Where the store measured the target's pass with a tree's visibility, the tree step pays that one instead.
-    rows = synthetic_costs()
-    dearer = CostTable.from_rows(rows + [{**r, "op": "target_tree", "seconds": 1.5 * r["seconds"]}
-                                         for r in rows if r["op"] == "target" and r["batch"] == 1])
-    treed = predict_decode(dearer, tree, "sequential", 1, 0.1, 256)
-    assert treed["step_s"] - got["step_s"] == pytest.approx(0.5 * costs.time("target", 1, 9, 256))
 
 
 def test_speculative_steps_pay_for_the_lookup_proposal_and_ar_steps_do_not():
@@ -458,7 +452,3 @@ def test_the_default_grid_measures_prefill_at_every_batch_and_leaves_out_large_d
     tree = grid_points(Grid(), block=4, mask_share=0.4, tree_tokens=9)
     assert {q for op, b, q, _ in tree if op == "target" and b == 1} == {1, 2, 4, 8, 9}
     assert {q for op, b, q, _ in tree if op == "step_sequential" and b == 1} == {2, 4}
-    assert not any(op == "target_tree" for op, *_ in tree)
-    # With a tree's visibility too, where trees are verified (batch <= tree_batch): a dearer pass than a chain's.
-    treed = grid_points(Grid(), block=4, mask_share=0.4, tree_tokens=9, tree_batch=1)
-    assert {(b, q) for op, b, q, _ in treed if op == "target_tree"} == {(1, 2), (1, 4), (1, 8), (1, 9)}

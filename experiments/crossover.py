@@ -361,9 +361,10 @@ class FlexPolicy:
         """The step modes this policy may run at ``batch_size`` (asking is free of side effects)."""
         return {self(batch_size)[0]}
 
-    def controller(self) -> "FlexController":
-        """The choices for one generate call, corrected by the acceptance it observes."""
-        return FlexController(self)
+    def controller(self) -> "FlexController | FlexPolicy":
+        """The choices for one generate call, corrected by the acceptance it observes; without predictions to correct
+        (the conservative default, older stores) the policy itself, which keeps no state."""
+        return FlexController(self) if self.speculative else self
 
     def describe(self) -> str:
         """'parallel b1 (tau 0.01), sequential b2+': runs of equal choices over batch sizes."""
@@ -399,14 +400,17 @@ class FlexController:
     steps, with the prediction counted as ``PRIOR_STEPS`` steps. A speculative step runs where scale x predicted
     speedup reaches ``OBSERVED_MARGIN`` (before any observation: the store's own choice), else an ar step. ar steps
     observe nothing, so after ``gap`` of them one speculative step probes again; a probe that does not pay doubles the
-    gap. Choices depend on acceptance only, never on time: a call's output is reproducible. Without predictions
-    (the conservative default, older stores) it is the policy itself.
+    gap. Choices depend on acceptance only, never on time: a call's output is reproducible.
     """
 
     def __init__(self, policy: FlexPolicy):
-        self.policy, self.source = policy, policy.source
+        self.policy = policy
         self.observed, self.steps = 0.0, 0    # sum of observed / predicted tokens per step, speculative steps seen
         self.since_speculative, self.gap = 0, PROBE_GAP
+
+    @property
+    def source(self) -> str:
+        return self.policy.source
 
     @property
     def scale(self) -> float:
@@ -421,22 +425,16 @@ class FlexController:
         return spec["speedup"] >= SPECULATION_MARGIN or BEST_CASE * spec["speedup"] >= OBSERVED_MARGIN
 
     def __call__(self, batch_size: int) -> tuple[str, float | None]:
-        if not self.policy.speculative:
-            return self.policy(batch_size)
         spec = at_batch(self.policy.speculative, batch_size)
         probe = self.may_speculate(spec) and self.since_speculative >= self.gap
         return (spec["mode"], spec["verify_threshold"]) if self.pays(spec) or probe else ("ar", None)
 
     def modes_at(self, batch_size: int) -> set[str]:
-        if not self.policy.speculative:
-            return self.policy.modes_at(batch_size)
         spec = at_batch(self.policy.speculative, batch_size)
         return {"ar", spec["mode"]} if self.may_speculate(spec) else {"ar"}
 
     def observe(self, mode: str, batch_size: int, tokens_per_row: float) -> None:
         """After each step: the mode it ran and the tokens it gained per row (bonus included)."""
-        if not self.policy.speculative:
-            return
         if mode == "ar":
             self.since_speculative += 1
             return

@@ -375,6 +375,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     ``trace`` (a list, optional) receives one dict per step: mode, drafts' confidence [B, Bs-1], num_drafts and
     accept_len [B] (CPU tensors; None for an ``ar`` step). The roofline harness reads acceptance profiles from it."""
     choose_mode = mode if callable(mode) else (lambda _batch_size: mode)
+    observe = getattr(mode, "observe", None)
     if not may_verify_trees(mode, spec, len(prompts)):   # chains only: the head drafts no tree candidates
         spec = replace(spec, tree_nodes=0)
     device = model.device
@@ -440,8 +441,8 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             trace[-1]["accept_len"] = accept_len.cpu()
         stats.mode_steps[step_mode] = stats.mode_steps.get(step_mode, 0) + 1
         gained = accept_len + 1
-        if hasattr(choose_mode, "observe"):
-            choose_mode.observe(step_mode, batch.size, float(gained.float().mean()))
+        if observe is not None:
+            observe(step_mode, batch.size, float(gained.float().mean()))
         stats.target_forwards += 1
         stats.row_forwards += batch.size
         stats.accept_histogram = [c + int(n) for c, n in zip(

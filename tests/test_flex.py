@@ -191,10 +191,10 @@ PREDICTED_POLICY = FlexPolicy({1: ("sequential", None), 2: ("ar", None)}, "test"
 
 def run_controller(controller, batch_size, tokens_per_row, steps):
     """``steps`` steps at one batch size, each speculative one gaining ``tokens_per_row``; the modes chosen."""
-    modes = []
+    modes, observe = [], getattr(controller, "observe", lambda *_: None)   # a plain policy observes nothing
     for _ in range(steps):
         mode, _threshold = controller(batch_size)
-        controller.observe(mode, batch_size, tokens_per_row if mode != "ar" else 1.0)
+        observe(mode, batch_size, tokens_per_row if mode != "ar" else 1.0)
         modes.append(mode)
     return modes
 

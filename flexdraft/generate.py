@@ -12,7 +12,7 @@ import torch
 from flexdraft.batch import Batch, Stats
 from flexdraft.model import KVCache, Transformer
 from flexdraft.rng import Streams
-from flexdraft.sampling import SamplingParams, probabilities, sample
+from flexdraft.sampling import SamplingParams, draw, probabilities
 
 
 def pad_prompts(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,7 +34,7 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, streams: Streams
     """The target's token for each row of logits [B, V]: argmax, or a sample from its own random stream."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    return sample(probabilities(logits, params), streams.exponential(logits.shape[-1]))
+    return draw(probabilities(logits, params), streams)
 
 
 # What one extra prefill pass costs, in padded prompt tokens it could instead have run: on a CPU a pass streams the

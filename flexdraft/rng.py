@@ -32,10 +32,16 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor, shape: tuple[int, ...] 
     for s in shape:
         n *= s
     idx = torch.arange(n, device=seeds.device, dtype=torch.int64)
+    return uniform_at(seeds, counters, idx[None, :]).reshape(seeds.shape[0], *shape)
+
+
+def uniform_at(seeds: torch.Tensor, counters: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Elements ``index`` ([B, k], or [1, k] for every row) of the draws ``uniform`` makes, flattened: each element
+    hashes its own index, so a few of a large draw cost only their own hashes."""
     row_key = _splitmix64(_splitmix64(seeds.to(torch.int64)) ^ counters.to(torch.int64))
-    bits = _splitmix64(row_key[:, None] * 1_000_003 + idx[None, :])
+    bits = _splitmix64(row_key[:, None] * 1_000_003 + index.to(torch.int64))
     u = (_shift_right(bits, 11) & _LOW53).to(torch.float64) + 0.5
-    return (u / float(1 << 53)).reshape(seeds.shape[0], *shape)
+    return u / float(1 << 53)
 
 
 def exponential(seeds: torch.Tensor, counters: torch.Tensor, shape) -> torch.Tensor:
@@ -64,3 +70,7 @@ class Streams:
 
     def exponential(self, shape) -> torch.Tensor:
         return exponential(self.seeds, self._next(), shape)
+
+    def exponential_at(self, index: torch.Tensor) -> torch.Tensor:
+        """Elements ``index`` [B, k] of the next ``exponential`` draw (of any size covering them), in one draw."""
+        return -torch.log(uniform_at(self.seeds, self._next(), index))

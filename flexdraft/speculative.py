@@ -32,7 +32,7 @@ from flexdraft.generate import choose_tokens, decode_one_token, prefill
 from flexdraft.lookup import COPY_LEN, PromptLookup
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
-from flexdraft.sampling import SamplingParams, probabilities, sample
+from flexdraft.sampling import SamplingParams, draw, probabilities
 from flexdraft.tree import TREE_NODES, DraftTree, build_tree, compact, greedy_choice, walk
 from kernels.block_attention import MAX_TREE_SLOTS, tree_bits
 from kernels.draft_head import calibrated_logits, draft_head
@@ -281,8 +281,7 @@ def accept_tree(logits, tree: DraftTree, cache, params, streams):
         choose = greedy_choice(logits.argmax(dim=-1))
     else:   # one draw from the target at each node the walk reaches
         rows = torch.arange(logits.shape[0], device=logits.device)
-        choose = lambda at: sample(probabilities(logits[rows, at], params),  # noqa: E731
-                                   streams.exponential(logits.shape[-1]))
+        choose = lambda at: draw(probabilities(logits[rows, at], params), streams)  # noqa: E731
     out, accept_len, path, new_lengths = walk(tree, choose, cache.lengths)
     compact(cache, cache.lengths, path, accept_len)
     cache.lengths = new_lengths

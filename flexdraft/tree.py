@@ -114,7 +114,7 @@ def walk(tree: DraftTree, choose, kv_len: torch.Tensor):
         hit = match.any(1) & walking
         resolved = torch.where(walking & ~hit, wanted, resolved)
         walking &= hit
-        if d == D:
+        if d == D or not bool(walking.any()):   # past here no row moves; a sampled choice costs a draw each
             break
         child = match.to(torch.int64).argmax(1) + 1
         at = torch.where(hit, child, at)

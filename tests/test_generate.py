@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from flexdraft.generate import generate_ar
-from flexdraft.sampling import TOP_P_CANDIDATES, SamplingParams, probabilities, top_p_drop, top_p_drop_reference
+from flexdraft.rng import Streams, uniform, uniform_at
+from flexdraft.sampling import (TOP_P_CANDIDATES, SamplingParams, draw, probabilities, sample, top_p_drop,
+                               top_p_drop_reference)
 from helpers import random_prompts, tiny_target
 
 
@@ -70,6 +72,39 @@ def test_top_p_takes_the_candidates_path_when_their_mass_suffices(monkeypatch):
     expected = top_p_drop_reference(probs, 0.9)
     monkeypatch.setattr("flexdraft.sampling.top_p_drop_reference", lambda *a: pytest.fail("sorted the vocabulary"))
     assert torch.equal(top_p_drop(probs, 0.9), expected)
+
+
+def test_uniform_at_is_the_full_draw_at_those_elements():
+    seeds, counters = torch.tensor([3, 10**12, 7]), torch.tensor([0, 5, 2])
+    full = uniform(seeds, counters, 4099)
+    index = torch.randint(0, 4099, (3, 37), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(uniform_at(seeds, counters, index), full.gather(1, index))
+
+
+PEAKED, MIXED = (3.0, 9.0, 4.0, 6.0, 12.0), (0.5, 3.0, 9.0, 1.0, 6.0)
+
+
+@pytest.mark.parametrize("params, scales, sparse", [
+    (SamplingParams(0.8, 0, 0.95), PEAKED, True), (SamplingParams(1.3, 20, 1.0), MIXED, True),
+    (SamplingParams(0.8, 0, 0.95), MIXED, False), (SamplingParams(0.7, 0, 1.0), PEAKED, False)])
+def test_draw_equals_the_race_over_the_whole_vocabulary(params, scales, sparse, monkeypatch):
+    """``draw`` picks what ``sample`` picks with the full noise of the same stream, over rows of different support
+    in one call, and leaves the streams where the full draw would; where top-k / top-p keep few tokens in every row
+    it never draws the full noise (a flat row under top-p, or no top-k / top-p, keeps too many)."""
+    gen = torch.Generator().manual_seed(int(params.temperature * 10) + params.top_k + int(scales[0]))
+    logits = torch.randn(5, 3001, generator=gen) * torch.tensor(scales)[:, None]
+    probs = probabilities(logits, params)
+    seeds = torch.tensor([1, 2, 3, 4, 99])
+    for step in range(20):
+        dense, ours = Streams(seeds), Streams(seeds)
+        dense.counters += step
+        ours.counters += step
+        expected = sample(probs, dense.exponential(probs.shape[-1]))
+        if sparse:
+            monkeypatch.setattr(ours, "exponential", lambda shape: pytest.fail("drew the whole vocabulary's noise"))
+        assert torch.equal(draw(probs, ours), expected)
+        assert torch.equal(ours.counters, dense.counters)
+    assert probs.gather(1, expected[:, None]).gt(0).all()
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])

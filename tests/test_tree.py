@@ -93,6 +93,22 @@ def test_walk_accepts_the_path_the_target_agrees_with():
     assert walk(tree, greedy_choice(argmax), torch.tensor([10, 20]))[1].tolist() == [1, 1]
 
 
+def test_walk_stops_drawing_once_no_row_walks():
+    """A sampled choice costs a draw over the vocabulary: once every row has resolved its token, the walk asks no
+    more, and its result is the one a walk through every depth gives."""
+    tree = DraftTree(tokens=torch.tensor([[5, 6, 7, 8, 9]] * 2), parents=torch.tensor([[0, 0, 1, 1, 4]] * 2),
+                     depth=torch.tensor([[1, 1, 2, 2, 3]] * 2), valid=torch.ones(2, 5, dtype=torch.bool))
+    argmax = torch.tensor([[5, 1, 40, 41, 9, 42],      # root wants 5 (slot 1), slot 1 wants 1: no child
+                           [3, 1, 2, 3, 4, 5]])        # root wants 3: no child
+    asked = []
+    choose = greedy_choice(argmax)
+    out, accept_len, path, new_len = walk(tree, lambda at: asked.append(at.tolist()) or choose(at),
+                                          torch.tensor([10, 20]))
+    assert asked == [[0, 0], [1, 0]]
+    assert accept_len.tolist() == [1, 0] and new_len.tolist() == [12, 21]
+    assert out.tolist() == [[5, 1, -1, -1], [3, -1, -1, -1]] and path.tolist() == [[1, 0, 0], [0, 0, 0]]
+
+
 def test_tree_attention_equals_each_path_run_alone():
     """Every node's logits equal those of its own path decoded as a plain sequence, in a ragged batch, and after
     compaction the accepted path's K/V are the plain sequence's."""

@@ -78,21 +78,37 @@ def sample(probs: torch.Tensor, race_noise: torch.Tensor) -> torch.Tensor:
     return (probs / race_noise).argmax(dim=-1)
 
 
-# Where top-k / top-p leave at most this share of the vocabulary, a CPU races only the tokens they keep.
+# Where top-k / top-p leave at most this share of the vocabulary, a CPU draws race noise only for the tokens they keep.
 SPARSE_RACE_SHARE = 1 / 8
 
 
+def kept_tokens(weights: torch.Tensor) -> torch.Tensor | None:
+    """On a CPU, the tokens of nonzero weight [B, V] as indices [B, k] (rows with fewer pad with tokens of weight 0)
+    where they are few enough that drawing race noise for them alone pays: each variate costs its own hash, ~0.5 ms
+    per row for a 49k vocabulary. None otherwise, and off the CPU, where the check would sync with the host and the
+    full draw is cheap."""
+    if weights.device.type != "cpu":
+        return None
+    kept = int((weights > 0).sum(dim=-1).max())
+    return weights.topk(kept, dim=-1).indices if kept <= weights.shape[-1] * SPARSE_RACE_SHARE else None
+
+
+def race_noise(streams, weights: torch.Tensor) -> torch.Tensor:
+    """The next ``streams.exponential(V)`` draw [B, V] (a ``flexdraft.rng.Streams``) for races among the tokens of
+    nonzero ``weights`` [B, V]: where ``kept_tokens`` finds them few, only their variates are computed (hashed by
+    index, the very values of the full draw) and the rest are +inf, which never win (w / inf = 0)."""
+    index = kept_tokens(weights)
+    if index is None:
+        return streams.exponential(weights.shape[-1])
+    noise = torch.full(weights.shape, float("inf"), dtype=torch.float64)
+    return noise.scatter(-1, index, streams.exponential_at(index))
+
+
 def draw(probs: torch.Tensor, streams) -> torch.Tensor:
-    """One token per row of ``probs`` [B, V] from each row's stream (a ``flexdraft.rng.Streams``): ``sample`` with
-    the next ``streams.exponential(V)``. A token of probability 0 never wins the race, so on a CPU, where top-k or
-    top-p kept few tokens, only their noise is drawn (~0.5 ms less per draw over a 49k vocabulary); the tokens and the
-    noise are the same, and so is the sample. Off the CPU the check would sync with the host, and the full draw is
-    cheap."""
-    V = probs.shape[-1]
-    if probs.device.type == "cpu":
-        kept = int((probs > 0).sum(dim=-1).max())
-        if kept <= V * SPARSE_RACE_SHARE:
-            top, index = probs.topk(kept, dim=-1)
-            winner = (top / streams.exponential_at(index)).argmax(dim=-1, keepdim=True)
-            return index.gather(-1, winner).squeeze(-1)
-    return sample(probs, streams.exponential(V))
+    """One token per row of ``probs`` [B, V] from each row's stream: ``sample`` with the next ``exponential(V)``,
+    raced among the kept tokens alone where ``kept_tokens`` finds them."""
+    index = kept_tokens(probs)
+    if index is None:
+        return sample(probs, streams.exponential(probs.shape[-1]))
+    winner = sample(probs.gather(-1, index), streams.exponential_at(index))
+    return index.gather(-1, winner[:, None]).squeeze(-1)

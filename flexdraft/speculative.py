@@ -32,7 +32,7 @@ from flexdraft.generate import choose_tokens, decode_one_token, prefill
 from flexdraft.lookup import COPY_LEN, PromptLookup
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
-from flexdraft.sampling import SamplingParams, draw, probabilities
+from flexdraft.sampling import SamplingParams, draw, probabilities, race_noise
 from flexdraft.tree import TREE_NODES, DraftTree, build_tree, compact, greedy_choice, walk
 from kernels.block_attention import MAX_TREE_SLOTS, tree_bits
 from kernels.draft_head import calibrated_logits, draft_head
@@ -189,8 +189,9 @@ def verify(logits: torch.Tensor, drafts: Drafts, num_drafts: torch.Tensor, kv_le
         return verify_greedy(draft_tokens, num_drafts, logits.argmax(dim=-1), kv_len)
     target_probs = probabilities(logits, params)
     uniforms = streams.uniform(n).to(target_probs.dtype)
-    race_noise = streams.exponential(logits.shape[-1]).to(target_probs.dtype)
-    return verify_sampling(draft_tokens, num_drafts, drafts.probs[:, :n], target_probs, uniforms, race_noise, kv_len)
+    # The resolved token races (p - q)+ or p at one position: within the tokens some position's p keeps.
+    noise = race_noise(streams, target_probs.amax(dim=1)).to(target_probs.dtype)
+    return verify_sampling(draft_tokens, num_drafts, drafts.probs[:, :n], target_probs, uniforms, noise, kv_len)
 
 
 @torch.no_grad()

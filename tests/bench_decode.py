@@ -57,5 +57,82 @@ def bench_decode_step(benchmark, target, mode, batch):
     benchmark.pedantic(call, rounds=30 if ON_GPU else 40, iterations=3, warmup_rounds=2)
 
 
+def peaked_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Logits shaped like a chat model's: a few likely tokens over a long tail (top-p 0.95 keeps a handful)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=gen) * 2
+    logits[:, torch.randint(0, vocab, (8,), generator=gen)] += 12
+    return logits
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def bench_sampled_token(benchmark, batch):
+    """The target's sampled token per row (temperature 0.8, top-p 0.95) over SmolLM2's 49,152-word vocabulary:
+    what an ``ar`` step adds when sampling."""
+    from flexdraft.generate import choose_tokens
+    from flexdraft.rng import Streams
+    from flexdraft.sampling import SamplingParams
+
+    device = "cuda" if ON_GPU else "cpu"
+    logits = peaked_logits(batch, SMOLLM2["vocab_size"], batch).to(device)
+    streams, params = Streams(torch.arange(batch, device=device)), SamplingParams(0.8, 0, 0.95)
+    benchmark.group = "sampling"
+    benchmark.pedantic(lambda: choose_tokens(logits, params, streams), rounds=40, iterations=5, warmup_rounds=2)
+
+
+def bench_sampled_tree_walk(benchmark):
+    """A sampled tree step's verification at batch 1 (8 nodes, depth up to 4, 49,152 words): the walk draws the
+    target's sample at each depth it reaches."""
+    from flexdraft.rng import Streams
+    from flexdraft.sampling import SamplingParams
+    from flexdraft.speculative import accept_tree
+    from flexdraft.tree import build_tree
+
+    device = "cuda" if ON_GPU else "cpu"
+    V, nodes = SMOLLM2["vocab_size"], 8
+    gen = torch.Generator().manual_seed(7)
+    top_tokens = torch.randint(0, V, (1, 4, 3), generator=gen)
+    tree = build_tree(top_tokens.to(device), torch.tensor([[[0.6, 0.2, 0.1]] * 4], device=device), nodes, 0.01)
+    logits = peaked_logits(tree.num_nodes + 1, V, 3)[None].to(device)
+    params = SamplingParams(0.8, 0, 0.95)
+
+    def walk_once():
+        cache = model_free_cache(device)
+        return accept_tree(logits, tree, cache, params, Streams(torch.arange(1, device=device)))
+
+    benchmark.group = "sampling"
+    benchmark.pedantic(walk_once, rounds=40, iterations=3, warmup_rounds=2)
+
+
+def bench_sampled_chain_verification(benchmark):
+    """A sampled chain step's verification at batch 8 (3 drafts per row, 49,152 words): the target's probabilities
+    at every position and one race for each row's resolved token."""
+    from flexdraft.rng import Streams
+    from flexdraft.sampling import SamplingParams, probabilities
+    from flexdraft.speculative import Drafts, verify
+
+    device = "cuda" if ON_GPU else "cpu"
+    B, n, V = 8, 3, SMOLLM2["vocab_size"]
+    params = SamplingParams(0.8, 0, 0.95)
+    logits = peaked_logits(B * (n + 1), V, 5).view(B, n + 1, V).to(device)
+    draft_probs = probabilities(peaked_logits(B * n, V, 6).view(B, n, V), params).to(device)
+    drafts = Drafts(draft_probs.argmax(dim=-1), draft_probs.amax(dim=-1), draft_probs)
+    num_drafts, kv_len = torch.full((B,), n, device=device), torch.full((B,), 40, device=device)
+    benchmark.group = "sampling"
+    benchmark.pedantic(lambda: verify(logits, drafts, num_drafts, kv_len, params, Streams(torch.arange(B, device=device))),
+                       rounds=30, iterations=2, warmup_rounds=2)
+
+
+def model_free_cache(device):
+    """The least of a KV cache that ``accept_tree`` moves the accepted path's K/V in: one layer, one head."""
+    from types import SimpleNamespace
+
+    from flexdraft.model import KVCache
+
+    cache = KVCache(SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=4), 1, 32, torch.float32, device)
+    cache.lengths += 10
+    return cache
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "--benchmark-only", "-o", "python_functions=bench_*", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ import torch
 
 from flexdraft.generate import generate_ar
 from flexdraft.rng import Streams, uniform, uniform_at
-from flexdraft.sampling import (TOP_P_CANDIDATES, SamplingParams, draw, probabilities, sample, top_p_drop,
+from flexdraft.sampling import (TOP_P_CANDIDATES, SamplingParams, draw, probabilities, race_noise, sample, top_p_drop,
                                top_p_drop_reference)
 from helpers import random_prompts, tiny_target
 
@@ -105,6 +105,24 @@ def test_draw_equals_the_race_over_the_whole_vocabulary(params, scales, sparse, 
         assert torch.equal(draw(probs, ours), expected)
         assert torch.equal(ours.counters, dense.counters)
     assert probs.gather(1, expected[:, None]).gt(0).all()
+
+
+@pytest.mark.parametrize("scales, sparse", [((6.0, 9.0, 12.0, 8.0, 10.0), True), (MIXED, False)])
+def test_race_noise_is_the_full_draw_wherever_a_weight_races(scales, sparse):
+    """Verification races (p - q)+ or p at one of several positions: ``race_noise`` over their largest weights holds
+    the full draw's variates wherever any of them is nonzero (+inf, or the full draw's own value, elsewhere), so
+    every position's race picks what it picks with the full noise."""
+    gen = torch.Generator().manual_seed(len(scales) + int(scales[0]))
+    logits = torch.randn(5, 4, 3001, generator=gen) * torch.tensor(scales)[:, None, None]
+    probs = probabilities(logits, SamplingParams(0.8, 0, 0.95))           # [B, positions, V]
+    seeds = torch.tensor([5, 6, 7, 8, 9])
+    full, ours = Streams(seeds).exponential(3001), Streams(seeds)
+    noise = race_noise(ours, probs.amax(dim=1))
+    racing = (probs > 0).any(dim=1)
+    assert torch.equal(noise[racing], full[racing]) and torch.equal(ours.counters, torch.ones_like(seeds))
+    assert bool(((noise == full) | noise.isinf())[~racing].all()) and bool(noise.isinf().any()) == sparse
+    for position in range(probs.shape[1]):
+        assert torch.equal(sample(probs[:, position], noise), sample(probs[:, position], full))
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])

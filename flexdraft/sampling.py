@@ -100,7 +100,7 @@ def race_noise(streams, weights: torch.Tensor) -> torch.Tensor:
     index = kept_tokens(weights)
     if index is None:
         return streams.exponential(weights.shape[-1])
-    noise = torch.full(weights.shape, float("inf"), dtype=torch.float64)
+    noise = torch.full(weights.shape, float("inf"), dtype=torch.float64, device=weights.device)
     return noise.scatter(-1, index, streams.exponential_at(index))
 
 

@@ -118,8 +118,9 @@ def bench_sampled_chain_verification(benchmark):
     draft_probs = probabilities(peaked_logits(B * n, V, 6).view(B, n, V), params).to(device)
     drafts = Drafts(draft_probs.argmax(dim=-1), draft_probs.amax(dim=-1), draft_probs)
     num_drafts, kv_len = torch.full((B,), n, device=device), torch.full((B,), 40, device=device)
+    seeds = torch.arange(B, device=device)
     benchmark.group = "sampling"
-    benchmark.pedantic(lambda: verify(logits, drafts, num_drafts, kv_len, params, Streams(torch.arange(B, device=device))),
+    benchmark.pedantic(lambda: verify(logits, drafts, num_drafts, kv_len, params, Streams(seeds)),
                        rounds=30, iterations=2, warmup_rounds=2)
 
 

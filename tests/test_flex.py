@@ -190,11 +190,14 @@ PREDICTED_POLICY = FlexPolicy({1: ("sequential", None), 2: ("ar", None)}, "test"
 
 
 def run_controller(controller, batch_size, tokens_per_row, steps):
-    """``steps`` steps at one batch size, each speculative one gaining ``tokens_per_row``; the modes chosen."""
+    """``steps`` steps at one batch size, each speculative one gaining ``tokens_per_row`` (or the next of a list, the
+    last repeating); the modes chosen."""
+    gains = list(tokens_per_row) if isinstance(tokens_per_row, (list, tuple)) else [tokens_per_row]
     modes, observe = [], getattr(controller, "observe", lambda *_: None)   # a plain policy observes nothing
     for _ in range(steps):
         mode, _threshold = controller(batch_size)
-        observe(mode, batch_size, tokens_per_row if mode != "ar" else 1.0)
+        speculative = mode != "ar"
+        observe(mode, batch_size, (gains.pop(0) if len(gains) > 1 else gains[0]) if speculative else 1.0)
         modes.append(mode)
     return modes
 
@@ -211,12 +214,29 @@ def test_flex_stops_speculating_where_the_observed_acceptance_does_not_pay_and_p
 
 def test_flex_speculates_where_the_store_chose_ar_once_the_observed_acceptance_pays():
     controller = PREDICTED_POLICY.controller()
-    modes = run_controller(controller, 2, 2.4, 12)      # HumanEval at batch 2: 1.4x the predicted tokens per step
-    assert modes[:4] == ["ar"] * 4 and set(modes[4:]) == {"parallel"}
+    modes = run_controller(controller, 2, 2.4, 40)      # HumanEval at batch 2: 1.4x the predicted tokens per step
+    # Promising probes come every 4 ar steps until the scale's lower bound pays; then flex stays speculative.
+    first = modes.index("parallel")
+    steady = max(i for i, m in enumerate(modes) if m == "ar") + 1
+    assert first == 4 and steady <= 25 and set(modes[steady:]) == {"parallel"}
+    assert all(modes[i - 4:i] == ["ar"] * 4 for i, m in enumerate(modes[:steady]) if m == "parallel")
     assert controller(2) == ("parallel", 0.1)
     # Where the prediction falls short even at the best case, flex never probes: plain ar.
     assert controller.modes_at(8) == {"ar"} and set(run_controller(controller, 8, 9.0, 100)) == {"ar"}
     assert controller.modes_at(1) == {"ar", "sequential"} and controller.modes_at(2) == {"ar", "parallel"}
+
+
+def test_a_lucky_probe_does_not_turn_flex_to_speculation_where_the_store_chose_ar():
+    """Batch 2 where speculation does not pay (1.5 tokens per row, 0.88x the prediction), whose first probe was lucky
+    (4 tokens): the scale's mean then pays, its lower bound does not, so flex stays with ar and probes ever less
+    often."""
+    controller = PREDICTED_POLICY.controller()
+    assert run_controller(controller, 2, [4.0, 1.5], 5) == ["ar"] * 4 + ["parallel"]
+    assert controller.scale * PREDICTED[2]["speedup"] >= 1.05 > controller.scale_lower_bound * PREDICTED[2]["speedup"]
+    modes = ["parallel"] + run_controller(controller, 2, 1.5, 60)
+    probes = [i for i, m in enumerate(modes) if m == "parallel"]
+    assert np.diff(probes).min() > 1 and np.diff(probes)[-1] > np.diff(probes)[0]   # lone probes, spreading out
+    assert controller.scale * PREDICTED[2]["speedup"] < 1.05
 
 
 def test_flex_keeps_speculating_where_the_observed_acceptance_pays():

@@ -196,8 +196,8 @@ def run_controller(controller, batch_size, tokens_per_row, steps):
     modes, observe = [], getattr(controller, "observe", lambda *_: None)   # a plain policy observes nothing
     for _ in range(steps):
         mode, _threshold = controller(batch_size)
-        speculative = mode != "ar"
-        observe(mode, batch_size, (gains.pop(0) if len(gains) > 1 else gains[0]) if speculative else 1.0)
+        gain = (gains.pop(0) if len(gains) > 1 else gains[0]) if mode != "ar" else 1.0
+        observe(mode, batch_size, gain)
         modes.append(mode)
     return modes
 

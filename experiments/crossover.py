@@ -399,6 +399,11 @@ EVIDENCE_Z = 1.0
 PRIOR_SPREAD = 0.5    # the scale's step-to-step standard deviation before any observation, weighed as PRIOR_STEPS
 
 
+def pays_at(scale: float, spec: dict) -> bool:
+    """Whether ``spec``'s predicted speedup over ar, at ``scale`` x its predicted acceptance, reaches the margin."""
+    return scale * spec["speedup"] >= OBSERVED_MARGIN
+
+
 class FlexController:
     """Flex's step choices for one generate call: the store's policy, corrected by the acceptance the call observes.
 
@@ -440,11 +445,11 @@ class FlexController:
 
     def pays(self, spec: dict) -> bool:
         if spec["speedup"] >= SPECULATION_MARGIN:   # the store's choice: kept until the observed mean says otherwise
-            return self.steps == 0 or self.scale * spec["speedup"] >= OBSERVED_MARGIN
-        return self.steps > 0 and self.scale_lower_bound * spec["speedup"] >= OBSERVED_MARGIN
+            return self.steps == 0 or pays_at(self.scale, spec)
+        return self.steps > 0 and pays_at(self.scale_lower_bound, spec)
 
     def may_speculate(self, spec: dict) -> bool:
-        return spec["speedup"] >= SPECULATION_MARGIN or BEST_CASE * spec["speedup"] >= OBSERVED_MARGIN
+        return spec["speedup"] >= SPECULATION_MARGIN or pays_at(BEST_CASE, spec)
 
     def __call__(self, batch_size: int) -> tuple[str, float | None]:
         spec = at_batch(self.policy.speculative, batch_size)
@@ -468,7 +473,7 @@ class FlexController:
         self.steps += 1
         self.since_speculative = 0
         if probed:   # a probe whose mean pays, its lower bound not yet, is promising: probe again soon
-            promising = self.scale * spec["speedup"] >= OBSERVED_MARGIN
+            promising = pays_at(self.scale, spec)
             self.gap = PROBE_GAP if promising else min(2 * self.gap, MAX_PROBE_GAP)
 
 

@@ -23,6 +23,7 @@ from experiments.roofline import STEP_OPS, op_call  # noqa: E402
 from flexdraft.drafter import Drafter  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048)
 CONTEXT = 256 if ON_GPU else 48
@@ -46,15 +47,19 @@ def bench_decode_step(benchmark, target, mode, batch):
     cache = model.new_cache(batch, CONTEXT + tokens + 1)
     step = op_call(STEP_OPS[mode], model, drafter, cache, batch, tokens, CONTEXT)
 
+    benchmark.group = f"decode step b{batch}"
+    benchmark.extra_info.update(mode=mode, batch=batch, tokens=tokens, context=CONTEXT)
+    benchmark.pedantic(synced(step), rounds=30 if ON_GPU else 40, iterations=3, warmup_rounds=2)
+
+
+def synced(fn):
+    """``fn`` timed to its end: on a GPU each call waits for the kernels it launched."""
     def call():
-        out = step()
+        out = fn()
         if ON_GPU:
             torch.cuda.synchronize()
         return out
-
-    benchmark.group = f"decode step b{batch}"
-    benchmark.extra_info.update(mode=mode, batch=batch, tokens=tokens, context=CONTEXT)
-    benchmark.pedantic(call, rounds=30 if ON_GPU else 40, iterations=3, warmup_rounds=2)
+    return call
 
 
 def peaked_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
@@ -73,11 +78,10 @@ def bench_sampled_token(benchmark, batch):
     from flexdraft.rng import Streams
     from flexdraft.sampling import SamplingParams
 
-    device = "cuda" if ON_GPU else "cpu"
-    logits = peaked_logits(batch, SMOLLM2["vocab_size"], batch).to(device)
-    streams, params = Streams(torch.arange(batch, device=device)), SamplingParams(0.8, 0, 0.95)
+    logits = peaked_logits(batch, SMOLLM2["vocab_size"], batch).to(DEVICE)
+    streams, params = Streams(torch.arange(batch, device=DEVICE)), SamplingParams(0.8, 0, 0.95)
     benchmark.group = "sampling"
-    benchmark.pedantic(lambda: choose_tokens(logits, params, streams), rounds=40, iterations=5, warmup_rounds=2)
+    benchmark.pedantic(synced(lambda: choose_tokens(logits, params, streams)), rounds=40, iterations=5, warmup_rounds=2)
 
 
 def bench_sampled_tree_walk(benchmark):
@@ -88,20 +92,19 @@ def bench_sampled_tree_walk(benchmark):
     from flexdraft.speculative import accept_tree
     from flexdraft.tree import build_tree
 
-    device = "cuda" if ON_GPU else "cpu"
     V, nodes = SMOLLM2["vocab_size"], 8
     gen = torch.Generator().manual_seed(7)
     top_tokens = torch.randint(0, V, (1, 4, 3), generator=gen)
-    tree = build_tree(top_tokens.to(device), torch.tensor([[[0.6, 0.2, 0.1]] * 4], device=device), nodes, 0.01)
-    logits = peaked_logits(tree.num_nodes + 1, V, 3)[None].to(device)
+    tree = build_tree(top_tokens.to(DEVICE), torch.tensor([[[0.6, 0.2, 0.1]] * 4], device=DEVICE), nodes, 0.01)
+    logits = peaked_logits(tree.num_nodes + 1, V, 3)[None].to(DEVICE)
     params = SamplingParams(0.8, 0, 0.95)
 
     def walk_once():
-        cache = model_free_cache(device)
-        return accept_tree(logits, tree, cache, params, Streams(torch.arange(1, device=device)))
+        cache = model_free_cache(DEVICE)
+        return accept_tree(logits, tree, cache, params, Streams(torch.arange(1, device=DEVICE)))
 
     benchmark.group = "sampling"
-    benchmark.pedantic(walk_once, rounds=40, iterations=3, warmup_rounds=2)
+    benchmark.pedantic(synced(walk_once), rounds=40, iterations=3, warmup_rounds=2)
 
 
 def bench_sampled_chain_verification(benchmark):
@@ -111,16 +114,15 @@ def bench_sampled_chain_verification(benchmark):
     from flexdraft.sampling import SamplingParams, probabilities
     from flexdraft.speculative import Drafts, verify
 
-    device = "cuda" if ON_GPU else "cpu"
     B, n, V = 8, 3, SMOLLM2["vocab_size"]
     params = SamplingParams(0.8, 0, 0.95)
-    logits = peaked_logits(B * (n + 1), V, 5).view(B, n + 1, V).to(device)
-    draft_probs = probabilities(peaked_logits(B * n, V, 6).view(B, n, V), params).to(device)
+    logits = peaked_logits(B * (n + 1), V, 5).view(B, n + 1, V).to(DEVICE)
+    draft_probs = probabilities(peaked_logits(B * n, V, 6).view(B, n, V), params).to(DEVICE)
     drafts = Drafts(draft_probs.argmax(dim=-1), draft_probs.amax(dim=-1), draft_probs)
-    num_drafts, kv_len = torch.full((B,), n, device=device), torch.full((B,), 40, device=device)
-    seeds = torch.arange(B, device=device)
+    num_drafts, kv_len = torch.full((B,), n, device=DEVICE), torch.full((B,), 40, device=DEVICE)
+    seeds = torch.arange(B, device=DEVICE)
     benchmark.group = "sampling"
-    benchmark.pedantic(lambda: verify(logits, drafts, num_drafts, kv_len, params, Streams(seeds)),
+    benchmark.pedantic(synced(lambda: verify(logits, drafts, num_drafts, kv_len, params, Streams(seeds))),
                        rounds=30, iterations=2, warmup_rounds=2)
 
 

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--training-state", default=None,
                     help="a run's state/state.json: adds its configuration and held-out acceptance curve")
     ev.add_argument("--quick", action="store_true",
-                    help="ar and parallel only (to compare drafters in about a third of the time)")
+                    help="ar, sequential and parallel only (to compare drafters in about half the time)")
     add_device_arg(ev)
 
     tune = sub.add_parser("autotune", help="sweep kernel configurations on this GPU into autotune/configs/<device>.json")

@@ -2,13 +2,16 @@
 
 Greedy, batch 1. Configurations run interleaved prompt by prompt (ar, sequential, parallel; parallel with the drafter
 alone, without prompt lookup, and that without calibration), so a noisy shared machine slows them alike; each output
-is checked against ``ar`` token for token. ``--quick`` runs ``ar`` and ``parallel`` alone.
-Writes ``<out>.json`` (every figure, with provenance) and ``<out>.md``.
+is checked against ``ar`` token for token. ``--quick`` runs ``ar``, ``sequential`` and ``parallel`` alone.
+Writes ``<out>.json`` (every figure, with provenance) and ``<out>.md``. A whole run takes hours on a CPU, so the
+totals so far are kept in ``<out>.progress.json`` after every prompt: the same command, run again after an
+interrupt, goes on from the next prompt (on the same commit and device; otherwise it starts over and says why).
 """
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from flexdraft.errors import FlexDraftError
@@ -28,26 +31,40 @@ def position_acceptance(histogram: list[int]) -> list[float]:
     return [sum(histogram[k + 1:]) / steps if steps else 0.0 for k in range(1, len(histogram) - 1)]
 
 
-def evaluate(fd, datasets: dict[str, list[str]], max_new_tokens: int, log=print, configs: dict = CONFIGS) -> dict:
+def evaluate(fd, datasets: dict[str, list[str]], max_new_tokens: int, log=print, configs: dict = CONFIGS,
+             progress: Path | None = None, run_key: dict | None = None) -> dict:
+    """Every configuration on every prompt, interleaved prompt by prompt. With ``progress`` (a JSON path), the totals
+    are saved there after each prompt and a saved run with the same ``run_key`` is continued, not repeated."""
     from tqdm import tqdm
 
+    from experiments.bench import write_json
     from flexdraft.api import merge_stats
     from flexdraft.batch import Stats
 
+    run_key = {**(run_key or {}), "configs": list(configs), "max_new_tokens": max_new_tokens,
+               "datasets": {name: len(prompts) for name, prompts in datasets.items()}}
+    saved = load_progress(progress, run_key, log)
     results = {}
     for name, prompts in datasets.items():
         ids = fd.encode(prompts)
-        fd.generate(prompt_ids=ids[:1], mode="parallel", max_new_tokens=4)  # warm-up
-        totals = {config: Stats() for config in configs}
-        mismatches = {config: 0 for config in configs}
-        for prompt in tqdm(ids, desc=name, unit="prompt"):
+        done = saved.get(name, {"prompts_done": 0, "totals": {}, "mismatches": {}})
+        totals = {config: Stats(**done["totals"].get(config, {})) for config in configs}
+        mismatches = {config: done["mismatches"].get(config, 0) for config in configs}
+        if done["prompts_done"] < len(ids):
+            fd.generate(prompt_ids=ids[:1], mode="parallel", max_new_tokens=4)  # warm-up
+        for index in tqdm(range(done["prompts_done"], len(ids)), desc=name, unit="prompt",
+                          initial=done["prompts_done"], total=len(ids)):
             reference = None
             for config, kwargs in configs.items():
-                result = fd.generate(prompt_ids=[prompt], max_new_tokens=max_new_tokens, **kwargs)
+                result = fd.generate(prompt_ids=[ids[index]], max_new_tokens=max_new_tokens, **kwargs)
                 merge_stats(totals[config], result.stats)
                 tokens = result.outputs[0]["token_ids"]
                 reference = tokens if reference is None else reference
                 mismatches[config] += tokens != reference
+            saved[name] = {"prompts_done": index + 1, "mismatches": mismatches,
+                           "totals": {config: asdict(s) for config, s in totals.items()}}
+            if progress is not None:
+                write_json(progress, {"run": run_key, "datasets": saved})
         ar_rate = totals["ar"].tokens_per_s
         results[name] = {config: {"mean_accepted": s.mean_accepted, "tokens_per_s": s.tokens_per_s,
                                   "speedup": s.tokens_per_s / ar_rate if ar_rate else 0.0,
@@ -58,6 +75,24 @@ def evaluate(fd, datasets: dict[str, list[str]], max_new_tokens: int, log=print,
                                   "prompts": len(ids)}
                          for config, s in totals.items()}
     return results
+
+
+def load_progress(path: Path | None, run_key: dict, log) -> dict:
+    """The per-dataset totals a run with the same key saved in ``path``; {} (and why, in the log) otherwise."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        saved_key, saved = state["run"], state["datasets"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        log(f"{path} is unreadable: starting over")
+        return {}
+    if saved_key != run_key:
+        differing = sorted(k for k in run_key.keys() | saved_key.keys() if run_key.get(k) != saved_key.get(k))
+        log(f"{path} holds a run with another {', '.join(differing)}: starting over")
+        return {}
+    log(f"continuing from {path}: " + ", ".join(f"{name} {d['prompts_done']} prompts" for name, d in saved.items()))
+    return saved
 
 
 def markdown(results: dict, meta: dict) -> str:
@@ -138,14 +173,20 @@ def run(drafter: str, out: Path, mtbench: int, humaneval: int, max_new_tokens: i
         datasets["MT-bench"] = mtbench_prompts()[:mtbench]
     if humaneval:
         datasets["HumanEval"] = humaneval_prompts()[:humaneval]
-    results = evaluate(fd, datasets, max_new_tokens, configs=QUICK_CONFIGS if quick else CONFIGS)
     meta = {"drafter": drafter, "drafter_config": fd.drafter.config.__dict__, "max_new_tokens": max_new_tokens,
-            "provenance": provenance()}
+            "provenance": provenance(device)}
+    # Totals saved by an interrupted run go on only where the code, the device and the models are the same.
+    run_key = {"drafter": drafter, "model": model, "git_commit": meta["provenance"]["git_commit"],
+               "device": meta["provenance"]["device_name"]}
     out.parent.mkdir(parents=True, exist_ok=True)
+    progress = out.parent / f"{out.name}.progress.json"
+    results = evaluate(fd, datasets, max_new_tokens, log=lambda m: print(m, file=sys.stderr),
+                       configs=QUICK_CONFIGS if quick else CONFIGS, progress=progress, run_key=run_key)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     text = markdown(results, meta)
     if training_state is not None:
         text += "\n" + "\n".join(section_training(training_state, out))
     out.with_suffix(".md").write_text(text)
+    progress.unlink(missing_ok=True)
     print(out.with_suffix(".md").read_text(), file=sys.stderr)
     return results

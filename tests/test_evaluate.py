@@ -39,6 +39,56 @@ def test_evaluate_runs_every_configuration_losslessly():
     assert "| parallel, no lookup |" not in markdown({"MT-bench": quick}, meta)
 
 
+class ScriptedModels:
+    """Stands in for ``FlexDraft`` in ``evaluate``: each configuration's step count follows from the prompt and its
+    verify threshold; ``fail_after`` generate calls raise KeyboardInterrupt (an interrupted run)."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = [], fail_after
+
+    def encode(self, prompts):
+        return [[len(p), i] for i, p in enumerate(prompts)]
+
+    def generate(self, prompt_ids, max_new_tokens, mode="parallel", **kwargs):
+        from types import SimpleNamespace
+
+        from flexdraft.batch import Stats
+
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls.append((prompt_ids[0][1], mode, tuple(sorted(kwargs.items()))))
+        steps = max_new_tokens if mode == "ar" else 1 + (prompt_ids[0][0] + len(kwargs)) % max_new_tokens
+        stats = Stats(new_tokens=max_new_tokens, seconds=0.01 * steps, target_forwards=steps, row_forwards=steps,
+                      accept_histogram=[0, steps], timings={"target_forward": 0.01 * steps}, mode_steps={mode: steps})
+        return SimpleNamespace(stats=stats, outputs=[{"token_ids": list(range(max_new_tokens))}])
+
+
+def test_an_interrupted_evaluation_goes_on_from_the_next_prompt(tmp_path):
+    datasets = {"MT-bench": ["a", "bbb", "cc"], "HumanEval": ["dddd", "e"]}
+    key, progress, said = {"git_commit": "abc", "device": "cpu"}, tmp_path / "acceptance.progress.json", []
+    whole = evaluate(ScriptedModels(), datasets, 8, log=said.append, configs=QUICK_CONFIGS)
+    per_prompt = len(QUICK_CONFIGS)
+    interrupted = ScriptedModels(fail_after=1 + 4 * per_prompt + 1)   # warm-up, 4 whole prompts, 1 configuration
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(interrupted, datasets, 8, log=said.append, configs=QUICK_CONFIGS, progress=progress, run_key=key)
+    assert json.loads(progress.read_text())["datasets"]["HumanEval"]["prompts_done"] == 1
+    resumed = ScriptedModels()
+    assert evaluate(resumed, datasets, 8, log=said.append, configs=QUICK_CONFIGS, progress=progress,
+                    run_key=key) == whole
+    assert "continuing from" in said[-1] and "HumanEval 1 prompts" in said[-1]
+    # Only the last prompt ran again (after its dataset's warm-up), every configuration of it.
+    assert [call[0] for call in resumed.calls] == [0] + [1] * per_prompt
+
+    # Another commit's totals are not mixed in; neither is an unreadable file's.
+    again = ScriptedModels()
+    evaluate(again, datasets, 8, log=said.append, configs=QUICK_CONFIGS, progress=progress,
+             run_key={**key, "git_commit": "def"})
+    assert "another git_commit: starting over" in said[-1] and len(again.calls) == 2 + 5 * per_prompt
+    progress.write_text('{"run": ')
+    evaluate(ScriptedModels(), datasets, 8, log=said.append, configs=QUICK_CONFIGS, progress=progress, run_key=key)
+    assert "unreadable: starting over" in said[-1]
+
+
 def test_training_section_plots_the_held_out_curve(tmp_path):
     history = [{"step": s, "loss": 5.0 - s / 100, "time": 1000.0 + 30 * s} for s in range(1, 101)]
     history[49].update(tau=1.2, tau_raw=1.1)

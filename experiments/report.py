@@ -81,8 +81,10 @@ def predicted_rows(bench: dict, entry: dict) -> list[dict]:
     return rows
 
 
-def target_rows(summary: list[dict]) -> list[dict]:
-    """Issue 6's targets, per greedy data set and batch size."""
+def target_rows(summary: list[dict], flex_steps: dict | None = None) -> list[dict]:
+    """Issue 6's targets, per greedy data set and batch size. ``flex_steps`` {(setting, dataset, batch): {mode: n}}
+    (``flex_mode_steps``) tells where flex ran only `ar` steps: there it runs `ar`'s own loop, so its ratio to `ar`
+    compares one loop with itself and says how noisy the measurement is, not how flex chose."""
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in summary if r["setting"] == "greedy"):
         cells = {}
@@ -97,13 +99,40 @@ def target_rows(summary: list[dict]) -> list[dict]:
             vs_ar = c["flex"]["speedup_vs_ar"]
             low, high = c["flex"].get("speedup_range") or (vs_ar, vs_ar)
             need = TARGETS["vs_ar_at_16"] if batch == 16 else TARGETS["vs_ar"]
+            ran = (flex_steps or {}).get(("greedy", dataset, batch))
+            ar_loop = bool(ran) and set(ran) == {"ar"}
             ok = vs_best >= TARGETS["vs_best_single"] and vs_ar >= need
-            # a median above the target with a repetition well below it is not a result the next run would repeat
-            met = ("yes" if low >= need * (1 - REPEAT_NOISE) else "median only: a repetition fell well below") \
-                if ok else "no"
+            if ar_loop and need <= 1.0 and best == "ar":
+                met = "yes: flex ran `ar`'s loop (the ratio is the noise of one loop timed twice)"
+            elif ok:
+                # a median above the target with a repetition well below it is not a result the next run would repeat
+                met = "yes" if low >= need * (1 - REPEAT_NOISE) else "median only: a repetition fell well below"
+            else:
+                met = "no" + (": flex ran `ar`'s loop" if ar_loop else "")
             rows.append({"dataset": dataset, "batch": batch, "best single mode": best, "flex / best": vs_best,
                          "flex / ar": vs_ar, "flex / ar, per repetition": f"{low:.2f}-{high:.2f}", "met": met})
     return rows
+
+
+def flex_mode_steps(measurements: list[dict]) -> dict:
+    """{(setting, dataset, batch): {mode: steps}} of the flex measurements, all repetitions summed."""
+    steps = {}
+    for m in measurements:
+        if m["config"] == "flex" and m.get("mode_steps"):
+            cell = steps.setdefault((m["setting"], m["dataset"], m["batch_size"]), {})
+            for mode, n in m["mode_steps"].items():
+                cell[mode] = cell.get(mode, 0) + n
+    return steps
+
+
+def same_loop_ratios(measurements: list[dict]) -> list[float]:
+    """flex / `ar` per repetition where that flex measurement ran only `ar` steps (`ar`'s own loop): one loop timed
+    twice side by side, so their spread is the noise of the run's ratios."""
+    ar = {(m["setting"], m["dataset"], m["batch_size"], m["repeat"]): m["tokens_per_s"]
+          for m in measurements if m["config"] == "ar"}
+    return sorted(m["tokens_per_s"] / ar[key] for m in measurements
+                  if m["config"] == "flex" and set(m.get("mode_steps") or {}) == {"ar"}
+                  and ar.get(key := (m["setting"], m["dataset"], m["batch_size"], m["repeat"])))
 
 
 def kernel_rows(paths: list[Path]) -> list[dict]:
@@ -125,6 +154,9 @@ def section_bench(bench: dict, out: Path, lines: list[str]) -> None:
     if done is not None and done < planned:
         lines += [f"**This bench run stopped after {done} of its {planned} (setting, data set, batch size) cells**; "
                   "the tables show the cells it finished.", ""]
+    for redo in bench.get("remeasured", []):   # a cell measured again in a later run, spliced in by hand
+        lines += [f"The cell {', '.join(map(str, redo['cell']))} was measured again "
+                  f"({(redo.get('provenance') or {}).get('created', 'later')}): {redo['why']}.", ""]
     lines += ["## Tokens/s and speedup per batch size", "",
               f"Median of {cfg['repeats']} interleaved repetitions; {cfg['max_new_tokens']} new tokens at most, "
               f"at least {cfg['prompts']} prompts per measurement (whole batches); the fixed modes verify with "
@@ -141,19 +173,21 @@ def section_bench(bench: dict, out: Path, lines: list[str]) -> None:
     plots.per_config_vs_batch([r for r in summary if r["speedup_vs_ar"] is not None], "speedup_vs_ar",
                               "speedup vs our ar", out / "speedup.png", baseline=1.0)
     lines += ["![tokens/s per batch size](tokens_per_s.png)", "", "![speedup vs ar](speedup.png)", ""]
-    targets = target_rows(summary)
+    steps = flex_mode_steps(bench["measurements"])
+    targets = target_rows(summary, steps)
     if targets:
         lines += ["### Issue 6's targets for flex", "",
                   f"flex >= {TARGETS['vs_best_single']}x the best single mode at every batch size, >= our `ar` "
                   f"everywhere, >= {TARGETS['vs_ar_at_16']}x `ar` at batch 16. Met: the median is, and no "
-                  f"repetition falls more than {REPEAT_NOISE:.0%} below.", "",
+                  f"repetition falls more than {REPEAT_NOISE:.0%} below; or, where `ar` is the best mode and flex "
+                  "chose `ar` at every step, flex runs `ar`'s own loop (tests/test_flex.py), so it is `ar`.", "",
                   markdown_table(pd.DataFrame(targets).set_index("dataset"), 2), ""]
-    steps = {}
-    for m in bench["measurements"]:
-        if m["config"] == "flex" and m.get("mode_steps"):
-            cell = steps.setdefault((m["setting"], m["dataset"], m["batch_size"]), {})
-            for mode, n in m["mode_steps"].items():
-                cell[mode] = cell.get(mode, 0) + n
+    noise = same_loop_ratios(bench["measurements"])
+    if len(noise) >= 5:
+        tenth = len(noise) // 10
+        lines += [f"How noisy the ratios are: in {len(noise)} repetitions flex ran `ar`'s own loop; timed beside "
+                  f"`ar`, it measured {noise[0]:.2f}-{noise[-1]:.2f}x `ar` (10th-90th percentile "
+                  f"{noise[tenth]:.2f}-{noise[-1 - tenth]:.2f}x, median {statistics.median(noise):.2f}x).", ""]
     if steps:
         df = pd.DataFrame([{"setting": s, "dataset": d, "batch": b, **n} for (s, d, b), n in steps.items()])
         lines += ["Steps flex ran in each mode (all repetitions; the batch shrinks as sequences stop):", "",

@@ -110,3 +110,29 @@ def test_a_target_met_by_the_median_alone_says_so(tmp_path):
     (tmp_path / "FINDINGS.md").write_text("by hand")
     text = write_report(FIXTURES / "report_bench.json", None, [], tmp_path).read_text()
     assert "[FINDINGS.md](FINDINGS.md)" in text
+
+
+def test_where_flex_ran_ars_loop_its_ratio_to_ar_is_noise_not_a_miss():
+    from experiments.bench import summarise
+    from experiments.report import flex_mode_steps, same_loop_ratios, target_rows
+
+    def rep(config, batch, repeat, rate, mode_steps=None):
+        return {"config": config, "setting": "greedy", "dataset": "mtbench", "batch_size": batch, "repeat": repeat,
+                "tokens_per_s": rate, "mode_steps": mode_steps}
+
+    measurements = []
+    for batch, flex_modes in ((8, {"ar": 31}), (4, {"ar": 28, "sequential": 3}), (16, {"ar": 31})):
+        for k in range(3):
+            measurements += [rep("ar", batch, k, 150.0 + k), rep("sequential", batch, k, 90.0),
+                             rep("flex", batch, k, 144.0 + k, flex_modes)]
+    steps = flex_mode_steps(measurements)
+    assert steps[("greedy", "mtbench", 4)] == {"ar": 84, "sequential": 9}
+    rows = {r["batch"]: r for r in target_rows(summarise(measurements), steps)}
+    assert rows[8]["flex / ar"] == pytest.approx(144 / 150, rel=0.01)
+    assert rows[8]["met"].startswith("yes: flex ran `ar`'s loop")        # the same loop timed twice
+    assert rows[4]["met"] == "no"                                         # it chose speculation and lost
+    assert rows[16]["met"] == "no: flex ran `ar`'s loop"                  # 1.3x `ar` cannot come from `ar`
+    assert target_rows(summarise(measurements))[0]["met"] == "no"         # without the steps, the ratio is judged
+    # flex's ar-only repetitions against ar's: batches 8 and 16, 3 repetitions each
+    assert same_loop_ratios(measurements) == pytest.approx(sorted([(144 + k) / (150 + k) for k in range(3)] * 2))
+

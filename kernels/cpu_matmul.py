@@ -1,5 +1,6 @@
-"""Few-row products on an x86 CPU: ``x [M, K] @ W`` for M = 1..~64 fp32 rows against a weight packed once (fp32, or
-bf16 for half the bytes: widened exactly to fp32 in registers, so the sums are fp32 either way).
+"""Few-row products on an x86 CPU: ``x [M, K] @ W`` for M = 1..~64 fp32 rows against a weight packed once (fp32; bf16
+for half the bytes; or the GGUF blocks it was dequantised from: each weight rebuilt exactly in registers, so the sums
+are the fp32 ones either way).
 
 Decoding on a CPU multiplies a handful of rows (the batch, or a verify block of bonus + drafts, or the mask tokens)
 by weights streamed from DRAM. Memory bandwidth is the floor there: up to ~8 rows the product should cost what one
@@ -14,6 +15,14 @@ pass (``ISAS``): many-row products (a batch, a parallel step's mask tokens) are 
 Every output element is a plain sum over k = 0..K-1 in order, whatever M is and whichever rows share a call, so a
 row's result does not depend on its batch: a verify pass over [bonus, drafts] gives the bonus exactly the logits a
 one-row autoregressive step gives it.
+
+Weights whose values are dequantised GGUF blocks pack as those blocks (``pack_blocks``): the default model ships as a
+GGUF whose layers are Q4_1 (per block of 32 along K, ``w = d * q + m``, fp16 d and m, q in 0..15: 0.75 bytes a
+weight packed, against 4) and whose tied lm_head is Q8_0 (``w = d * q``, q in -128..127: 1.125 bytes). The kernel
+rebuilds each weight in registers with the dequantisation's own arithmetic (a multiply, then an add: two
+roundings), so it multiplies the very fp32 values and its outputs are bit for bit the fp32 packing's; a model gives
+the same tokens either way. With ~5x fewer bytes to stream, a one-row pass is bound by the rebuilding rather than
+by DRAM. Only few rows take it (``BLOCKS_MAX_ROWS``): more rows would rebuild the weights once per 12 rows.
 
 bf16 weights serve the draft head (bf16 copies of its vocabulary rows: on the Xeon, 3 slots' head products took
 1.5 ms here against 2.7 ms in torch's bf16 GEMM, caches cold) and any fp32 weight whose values are all bf16 values
@@ -43,8 +52,18 @@ import torch
 import torch.nn.functional as F
 
 TILE = 16   # output columns per tile of the packed layout: two AVX2 registers, or one AVX-512 register
-WEIGHT_C_TYPES = {"f32": "float", "bf16": "uint16_t"}   # weight dtypes the kernel reads (the rows are fp32 either way)
-WEIGHT_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+WEIGHT_C_TYPES = {"f32": "float", "bf16": "uint16_t", "q4": "uint8_t", "q8": "int8_t"}   # rows are fp32 either way
+# A packing's dtype names its format: Q4_1 blocks are uint8 bytes, Q8_0 blocks int8 ones.
+WEIGHT_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.uint8: "q4", torch.int8: "q8"}
+# GGUF block packings, per (tile, block of BLOCK along K): 16 fp32 scales d (Q4_1: then 16 fp32 minimums m), then
+# rows of 16 bytes, column j's q in byte j: Q8_0 one k per row (int8), Q4_1 two (k in the low nibble, k + 1 high).
+BLOCK = 32
+BLOCK_BYTES = {"q4": 2 * TILE * 4 + BLOCK * TILE // 2, "q8": TILE * 4 + BLOCK * TILE}
+# Rows up to which products take a block packing where a weight has one: a pass rebuilds the weights for up to 12
+# rows, so more rows rebuild them again per 12 and the fp32 packing's plain loads win.
+BLOCKS_MAX_ROWS = 12
+# $FLEXDRAFT_CPU_MATMUL_BLOCKS=0: fp32 packings only (the same bits; to compare their speed)
+USE_BLOCKS = os.environ.get("FLEXDRAFT_CPU_MATMUL_BLOCKS", "1") != "0"
 # bf16 weights take the kernel up to this many rows; beyond, the kernel's fp32 FMAs lose to native bf16 GEMMs (AMX).
 BF16_MAX_ROWS = 12
 
@@ -82,7 +101,10 @@ ISAS = {
     "avx512": Isa("avx512", frozenset({"avx512f"}), ("-mavx512f", "-mfma"), 16, 12,
                   {1: 4, 2: 4, 3: 3, **{r: 2 for r in range(4, 13)}}, 8192),
 }
-CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# Block passes hold a tile's scales and its rebuilt weights besides the accumulators: fewer tiles per pass.
+BLOCK_TILES_PER_PASS = {"avx2": {1: 2, 2: 2}, "avx512": {1: 4, 2: 4, 3: 3, **{r: 2 for r in range(4, 9)}}}
+# No contraction of a multiply and an add into an FMA: the Q4_1 rebuild must round twice, as the dequantisation did.
+CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off"]
 
 
 def few_rows_matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -111,14 +133,95 @@ def pack(weight: torch.Tensor, layout: str = "in_out") -> torch.Tensor:
     return w.reshape(K, N // TILE, TILE).permute(1, 0, 2).contiguous()
 
 
+def block_values(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(q [K, N], d [K/32, N], m [K/32, N] or None) with ``weight [K, N]`` exactly the dequantised GGUF blocks,
+    blocks of 32 along K: Q4_1 (``kind="q4"``) ``d * q + m``, q in 0..15, multiply then add in fp32; Q8_0
+    (``"q8"``) ``d * q``, q in -128..127. d and m are fp16 values. None where the weight is not of that form.
+
+    Q4_1 sets m to a block's minimum (q = 0 there) and d to (maximum - minimum) / 15, Q8_0 d to the largest
+    magnitude / 127; the candidates for d are the fp16 values next to that, and every weight is then checked."""
+    K, N = weight.shape
+    if weight.dtype != torch.float32 or K % BLOCK or not torch.isfinite(weight).all():
+        return None
+    blocks = weight.reshape(K // BLOCK, BLOCK, N)
+    if kind == "q4":
+        m, levels, low, high = blocks.amin(dim=1), 15, 0, 15
+        if not torch.equal(m, m.half().float()):
+            return None
+        span = (blocks.amax(dim=1) - m) / levels
+    else:
+        m, low, high = None, -128, 127
+        span = blocks.abs().amax(dim=1) / 127
+    offset = 0 if m is None else m[:, None]
+    nearest = span.half()
+    d, q = torch.zeros_like(span), torch.zeros(blocks.shape, dtype=torch.int16)
+    found = span == 0                                       # a constant block: d 0, q 0
+    for step in (0, -1, 1, -2, 2):                          # fp16 neighbours, in ulps
+        if bool(found.all()):
+            break
+        cand = (nearest.view(torch.int16) + step).view(torch.float16).float() if step else nearest.float()
+        cand = torch.where(torch.isfinite(cand) & (cand > 0), cand, torch.ones_like(cand))
+        cand_q = ((blocks - offset) / cand[:, None]).round().clamp(low, high)
+        rebuilt = cand[:, None] * cand_q   # then the add apart: two roundings, as the dequantisation made them
+        rebuilt = rebuilt + offset
+        ok = (rebuilt == blocks).all(dim=1) & ~found
+        d = torch.where(ok, cand, d)
+        q = torch.where(ok[:, None], cand_q.to(torch.int16), q)
+        found |= ok
+    return (q.reshape(K, N), d, m) if bool(found.all()) else None
+
+
+def pack_blocks(weight: torch.Tensor, kind: str, layout: str = "in_out") -> torch.Tensor | None:
+    """The GGUF block packing ``[N/16, K/32, BLOCK_BYTES[kind]]`` (Q4_1: uint8, Q8_0: int8) of a weight whose values
+    are those blocks' (``block_values``; ``layout`` as for ``pack``), or None."""
+    w = weight.detach()
+    w = w.t() if layout == "out_in" else w
+    K, N = w.shape
+    if N % TILE:
+        raise ValueError(f"the packed kernel needs a multiple of {TILE} output columns, got {N}")
+    values = block_values(w, kind)
+    if values is None:
+        return None
+    q, d, m = values
+    tiles, blocks = N // TILE, K // BLOCK
+    scales = torch.stack([d] if m is None else [d, m], dim=1)               # [blocks, 1 or 2, N]
+    scales = scales.reshape(blocks, -1, tiles, TILE).permute(2, 0, 1, 3).contiguous().view(torch.uint8)
+    if kind == "q4":
+        q = q.to(torch.uint8).reshape(blocks, BLOCK // 2, 2, tiles, TILE)
+        q = q[:, :, 0] | (q[:, :, 1] << 4)
+    q = q.to(torch.int8 if kind == "q8" else torch.uint8).reshape(blocks, -1, tiles, TILE).permute(2, 0, 1, 3)
+    return torch.cat([scales.reshape(tiles, blocks, -1), q.reshape(tiles, blocks, -1).view(torch.uint8)],
+                     dim=2).view(torch.int8 if kind == "q8" else torch.uint8).contiguous()
+
+
+def unpack_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight [K, N] a block packing holds (Q4_1 ``d * q + m``, multiply then add; Q8_0 ``d * q``):
+    ``pack_blocks``' inverse."""
+    kind, (tiles, blocks, _) = WEIGHT_DTYPES[packed.dtype], packed.shape
+    num_scales = 2 if kind == "q4" else 1
+    raw = packed.view(torch.uint8)
+    scales = raw[:, :, :num_scales * TILE * 4].contiguous().view(torch.float32).reshape(tiles, blocks, num_scales,
+                                                                                         1, TILE)
+    body = packed[:, :, num_scales * TILE * 4:]
+    if kind == "q4":
+        nibbles = body.reshape(tiles, blocks, BLOCK // 2, 1, TILE)
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=3)
+    else:
+        q = body
+    w = scales[:, :, 0] * q.reshape(tiles, blocks, BLOCK, TILE).float()
+    if kind == "q4":
+        w = w + scales[:, :, 1]
+    return w.permute(1, 2, 0, 3).reshape(blocks * BLOCK, tiles * TILE)
+
+
 def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None = None,
                     isa: Isa | None = None) -> torch.Tensor:
-    """``x [..., K] @ W`` for W packed by ``pack`` (fp32 or bf16), x fp32 on the CPU; returns fp32 [..., N], summed
-    in fp32. ``isa``: a variant other than the one chosen for this CPU (tests, benchmarks)."""
-    tiles, K, _ = packed.shape
+    """``x [..., K] @ W`` for W packed by ``pack`` (fp32 or bf16) or ``pack_blocks``, x fp32 on the CPU; returns fp32
+    [..., N], summed in fp32. ``isa``: a variant other than the one chosen for this CPU (tests, benchmarks)."""
+    tiles, K = packed.shape[0], packed.shape[1] * (BLOCK if WEIGHT_DTYPES.get(packed.dtype) in BLOCK_BYTES else 1)
     if (x.shape[-1] != K or x.dtype != torch.float32 or packed.dtype not in WEIGHT_DTYPES
             or x.device.type != "cpu"):
-        raise ValueError(f"few_rows_matmul takes fp32 CPU rows and fp32 or bf16 weights with K = {K}; got x "
+        raise ValueError(f"few_rows_matmul takes fp32 CPU rows and packed weights with K = {K}; got x "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}, weights {packed.dtype}")
     rows = x.reshape(-1, K).contiguous()
     out = torch.empty(rows.shape[0], tiles * TILE, dtype=torch.float32)
@@ -130,14 +233,27 @@ def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None =
 
 
 # ---- the dispatcher: products of the model and the draft head --------------------------------------------------
-def packed_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
-    """The weight packed for ``few_rows_matmul``, made once and remade when the weight changes in place."""
+def packed_weight(weight: torch.Tensor, layout: str, kind: str | None = None) -> torch.Tensor | None:
+    """The weight packed for ``few_rows_matmul`` (``kind`` "q4" / "q8": its GGUF block packing, None where it has
+    none), made once and remade when the weight changes in place."""
     key = (weight._version, weight.data_ptr(), layout)
-    cached = getattr(weight, "_packed", None)
+    attribute = f"_packed_{kind}" if kind else "_packed"
+    cached = getattr(weight, attribute, None)
     if cached is None or cached[0] != key:
-        cached = (key, pack(weight, layout))
-        weight._packed = cached
+        cached = (key, pack_blocks(weight, kind, layout) if kind else pack(weight, layout))
+        setattr(weight, attribute, cached)
     return cached[1]
+
+
+def block_packing(weight: torch.Tensor, layout: str) -> torch.Tensor | None:
+    """The fewest-bytes GGUF block packing an fp32 weight has (Q4_1, else Q8_0), or None."""
+    if weight.dtype != torch.float32 or not USE_BLOCKS:
+        return None
+    for kind in BLOCK_BYTES:
+        packed = packed_weight(weight, layout, kind)
+        if packed is not None:
+            return packed
+    return None
 
 
 def takes_packed_path(x: torch.Tensor, weight: torch.Tensor, columns: int) -> bool:
@@ -162,7 +278,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     longer than the bandwidth floor there (see the module docstring). Prefill and training use plain GEMMs."""
     columns = weight.shape[1] if layout == "in_out" else weight.shape[0]
     if takes_packed_path(x, weight, columns):
-        out = few_rows_matmul(x.float(), packed_weight(weight, layout)).to(x.dtype)
+        blocks = block_packing(weight, layout) if x.numel() // x.shape[-1] <= BLOCKS_MAX_ROWS else None
+        out = few_rows_matmul(x.float(), packed_weight(weight, layout) if blocks is None else blocks).to(x.dtype)
     else:
         out = x @ weight if layout == "in_out" else F.linear(x, weight)
     return out if bias is None else out + bias
@@ -177,6 +294,22 @@ def _load_weights(isa: Isa, weights: str, offset: str) -> str:
     if isa.width == 16:
         return f"_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + {offset}))), 16))"
     return f"_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + {offset}))), 16))"
+
+
+def _fmas(isa: Isa, rows: int, tiles: int, k: str, weight: str, indent: str) -> list[str]:
+    """C: every accumulator a[r][t][part] += x[r, k] * the weight registers ``{weight}{t}_{part}``."""
+    lines = []
+    for r in range(rows):
+        lines.append(f"{indent}b = {isa.op}_set1_ps(x[{r} * K + {k}]);")
+        lines += [f"{indent}a{r}_{t}_{h} = {isa.op}_fmadd_ps(b, {weight}{t}_{h}, a{r}_{t}_{h});"
+                  for t in range(tiles) for h in range(TILE // isa.width)]
+    return lines
+
+
+def _stores(isa: Isa, rows: int, tiles: int) -> list[str]:
+    """C: the accumulators to the output rows, and the pass function's end."""
+    return [f"    {isa.op}_storeu_ps(out + {r} * N + {t * TILE + h * isa.width}, a{r}_{t}_{h});"
+            for r in range(rows) for t in range(tiles) for h in range(TILE // isa.width)] + ["}"]
 
 
 def _pass_function(isa: Isa, rows: int, tiles: int, weights: str = "f32") -> list[str]:
@@ -194,23 +327,58 @@ def _pass_function(isa: Isa, rows: int, tiles: int, weights: str = "f32") -> lis
         loads = ", ".join(f"w{t}_{h} = {_load_weights(isa, weights, f'({t} * K + k) * {TILE} + {h * isa.width}')}"
                           for h in range(parts))
         lines.append(f"        {V} {loads};")
-    for r in range(rows):
-        lines.append(f"        b = {op}_set1_ps(x[{r} * K + k]);")
-        for t in range(tiles):
-            for h in range(parts):
-                lines.append(f"        a{r}_{t}_{h} = {op}_fmadd_ps(b, w{t}_{h}, a{r}_{t}_{h});")
-    lines.append("    }")
-    for r in range(rows):
-        for t in range(tiles):
-            for h in range(parts):
-                lines.append(f"    {op}_storeu_ps(out + {r} * N + {t * TILE + h * isa.width}, a{r}_{t}_{h});")
-    lines.append("}")
-    return lines
+    return lines + _fmas(isa, rows, tiles, "k", "w", "        ") + ["    }"] + _stores(isa, rows, tiles)
+
+
+def _pass_function_blocks(isa: Isa, rows: int, tiles: int, kind: str) -> list[str]:
+    """C for one pass of ``rows`` rows over ``tiles`` tiles of a GGUF block packing (``pack_blocks``): per block, a
+    tile's d (and m); per row of 16 bytes, the tile's q at one k (Q8_0) or two (Q4_1). Each weight is rebuilt as
+    the dequantisation made it (``d * q``, then ``+ m``: separate roundings) and the accumulators take k in order:
+    the fp32 packing's FMA chain on the same values."""
+    parts, W = TILE // isa.width, isa.width
+    V, op = isa.vector, isa.op
+    Vi, iop = ("__m512i", "_mm512") if W == 16 else ("__m256i", "_mm256")
+    q4 = kind == "q4"
+    num_scales, k_per_row = (2, 2) if q4 else (1, 1)
+    acc = [f"a{r}_{t}_{h}" for r in range(rows) for t in range(tiles) for h in range(parts)]
+    scales = ", ".join(f"d{t}_{h} = {op}_loadu_ps((const float *)p{t} + {h * W})"
+                       + (f", m{t}_{h} = {op}_loadu_ps((const float *)p{t} + {TILE + h * W})" if q4 else "")
+                       for t in range(tiles) for h in range(parts))
+    load = "_mm_loadu_si128" if W == 16 else "_mm_loadl_epi64"
+    widen = f"{iop}_cvtepu8_epi32" if q4 else f"{iop}_cvtepi8_epi32"
+    lines = [f"static void pass_{kind}_{rows}x{tiles}(const float *x, int64_t K, const {WEIGHT_C_TYPES[kind]} *w, "
+             "float *out, int64_t N) {",
+             f"    {V} {', '.join(a + f' = {op}_setzero_ps()' for a in acc)};",
+             f"    const {Vi} low = {iop}_set1_epi32(15);" if q4 else "",
+             f"    const int64_t blocks = K / {BLOCK};",
+             "    for (int64_t blk = 0; blk < blocks; blk++) {",
+             "        const uint8_t " + ", ".join(f"*p{t} = (const uint8_t *)w + ({t} * blocks + blk) * "
+                                               f"{BLOCK_BYTES[kind]}" for t in range(tiles)) + ";",
+             f"        const {V} {scales};",
+             f"        for (int64_t kk = 0; kk < {BLOCK // k_per_row}; kk++) {{",
+             f"            const int64_t k = blk * {BLOCK} + {k_per_row} * kk;",
+             f"            {V} b;"]
+    rebuilt = ["e", "o"] if q4 else ["e"]
+    for t in range(tiles):
+        for h in range(parts):
+            lines.append(f"            const {Vi} v{t}_{h} = {widen}({load}((const __m128i *)"
+                         f"(p{t} + {num_scales * TILE * 4} + kk * {TILE} + {h * W})));")
+            if q4:
+                nibbles = (("e", f"{iop}_and_si{W * 32}(v{t}_{h}, low)"), ("o", f"{iop}_srli_epi32(v{t}_{h}, 4)"))
+                for name, nibble in nibbles:
+                    lines.append(f"            const {V} {name}{t}_{h} = {op}_add_ps({op}_mul_ps(d{t}_{h}, "
+                                 f"{op}_cvtepi32_ps({nibble})), m{t}_{h});")
+            else:
+                lines.append(f"            const {V} e{t}_{h} = {op}_mul_ps(d{t}_{h}, {op}_cvtepi32_ps(v{t}_{h}));")
+    for offset, name in enumerate(rebuilt):
+        lines += _fmas(isa, rows, tiles, f"k + {offset}", name, "            ")
+    return lines + ["        }", "    }"] + _stores(isa, rows, tiles)
 
 
 def source(isa: Isa = ISAS["avx2"]) -> str:
     """The C source: pass functions for every (rows, tiles) pair and a driver that splits tiles over threads, for
-    fp32 weights (``few_rows_matmul_f32``) and bf16 weights (``few_rows_matmul_bf16``)."""
+    fp32 weights (``few_rows_matmul_f32``), bf16 weights (``few_rows_matmul_bf16``) and GGUF blocks
+    (``few_rows_matmul_q4``, ``few_rows_matmul_q8``)."""
     lines = ["#include <immintrin.h>", "#include <stdint.h>",
              f"/* out[M, N] = x[M, K] @ W, W packed [N/16, K, 16]; {isa.name} (kernels/cpu_matmul.py generates this "
              f"file). */"]
@@ -220,12 +388,17 @@ def source(isa: Isa = ISAS["avx2"]) -> str:
 
 
 def _driver(isa: Isa, weights: str) -> list[str]:
-    R, step_of = isa.max_rows, isa.tiles_per_pass
+    R = isa.max_rows
+    blocks = weights in BLOCK_BYTES
+    step_of = BLOCK_TILES_PER_PASS[isa.name] if blocks else isa.tiles_per_pass
+    pass_function = (lambda rows, tiles: _pass_function_blocks(isa, rows, tiles, weights)) if blocks else (
+        lambda rows, tiles: _pass_function(isa, rows, tiles, weights))
+    tile_stride = f"K / {BLOCK} * {BLOCK_BYTES[weights]}" if blocks else f"K * {TILE}"   # in the weights' units
     lines = []
     for rows in range(1, R + 1):
-        lines += _pass_function(isa, rows, 1, weights)
+        lines += pass_function(rows, 1)
         if step_of.get(rows, 1) > 1:
-            lines += _pass_function(isa, rows, step_of[rows], weights)
+            lines += pass_function(rows, step_of[rows])
     table = ", ".join(f"pass_{weights}_{r}x1" for r in range(1, R + 1))
     wide = ", ".join(f"pass_{weights}_{r}x{step_of[r]}" if step_of.get(r, 1) > 1 else "0" for r in range(1, R + 1))
     step = ", ".join(str(step_of.get(r, 1)) for r in range(1, R + 1))
@@ -245,10 +418,11 @@ def _driver(isa: Isa, weights: str) -> list[str]:
         "            /* several tiles per pass only from the start of an aligned group that lies wholly inside */",
         "            if (s > 1 && g % s != 0) continue;",
         "            if (s > 1 && g + s <= tiles) {",
-        f"                WIDE_{weights}[r](x + m0 * K, K, w + g * K * {TILE}, out + m0 * N + g * {TILE}, N);",
+        f"                WIDE_{weights}[r](x + m0 * K, K, w + g * ({tile_stride}), out + m0 * N + g * {TILE}, N);",
         "            } else {",
         "                for (int64_t t = g; t < (s > 1 ? tiles : g + 1); t++)",
-        f"                    NARROW_{weights}[r](x + m0 * K, K, w + t * K * {TILE}, out + m0 * N + t * {TILE}, N);",
+        f"                    NARROW_{weights}[r](x + m0 * K, K, w + t * ({tile_stride}), out + m0 * N + t * {TILE}, "
+        "N);",
         "            }",
         "        }",
         "    }",

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():   # before triton is imported: kernels run in 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # kernel_utils, also when run as a script
-from kernel_utils import DEVICE, ON_GPU  # noqa: E402
+from kernel_utils import DEVICE, ON_GPU, gguf_weight  # noqa: E402
 
 from autotune.spaces import MODELS, attention_inputs, draft_head_inputs, verify_inputs  # noqa: E402
 from kernels import cpu_matmul  # noqa: E402
@@ -127,15 +127,19 @@ CPU_MATMUL = [(k, n, rows) for k, n in ((576, 3072), (576, 49152)) for rows in (
 
 
 @pytest.mark.skipif(not cpu_matmul.available(), reason=f"packed CPU matmul: {cpu_matmul.why_unavailable()}")
-@pytest.mark.parametrize("provider", [f"packed-{name}" for name in cpu_matmul.ISAS] + ["torch"])
+@pytest.mark.parametrize("provider", [f"{packing}-{name}" for packing in ("packed", "q4", "q8")
+                                      for name in cpu_matmul.ISAS] + ["torch"])
 @pytest.mark.parametrize("k,n,rows", CPU_MATMUL)
 def bench_cpu_matmul(benchmark, provider, k, n, rows):
     """SmolLM2-135M's gate/up projection and lm_head at decode row counts (1 row, a verify block, a batch), in
-    each variant this CPU runs (AVX2, AVX-512) and in torch."""
+    each variant this CPU runs (AVX2, AVX-512), from the fp32 packing and from GGUF blocks (the default model's
+    layers are Q4_1, its lm_head Q8_0), and in torch."""
     gen = torch.Generator().manual_seed(rows)
-    x, w = torch.randn(rows, k, generator=gen), torch.randn(k, n, generator=gen)
-    packed = cpu_matmul.pack(w)
-    if provider.startswith("packed"):
+    kind = provider.split("-", 1)[0]
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(k, n, generator=gen) if kind in ("packed", "torch") else gguf_weight(k, n, kind, gen)
+    packed = cpu_matmul.pack(w) if kind in ("packed", "torch") else cpu_matmul.pack_blocks(w, kind)
+    if provider != "torch":
         isa = cpu_matmul.ISAS[provider.split("-", 1)[1]]
         if isa.name not in cpu_matmul.runnable_isas():
             pytest.skip(f"this CPU does not run the {isa.name} variant")

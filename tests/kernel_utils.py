@@ -67,3 +67,18 @@ def seeded(seed: int) -> torch.Generator:
 def randn(*shape, gen: torch.Generator, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
     """Random normal on the CPU generator (same numbers on every machine), then moved to DEVICE."""
     return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def gguf_weight(k: int, n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """fp32 [k, n] as a GGUF reader dequantises random blocks of 32 along k: Q4_1 ``d * q + m`` (multiply, then
+    add), Q8_0 ``d * q``, with fp16 d and m, and each block's extremes present as quantisers leave them."""
+    blocks = k // 32
+    d = (torch.rand(blocks, n, generator=gen) * 0.02 + 1e-4).half().float().repeat_interleave(32, 0)
+    if kind == "q4":
+        q = torch.randint(0, 16, (k, n), generator=gen).float()
+        q.view(blocks, 32, n)[:, 5], q.view(blocks, 32, n)[:, 17] = 0, 15
+        w = d * q
+        return w + (torch.randn(blocks, n, generator=gen) * 0.1).half().float().repeat_interleave(32, 0)
+    q = torch.randint(-127, 128, (k, n), generator=gen).float()
+    q.view(blocks, 32, n)[:, 9] = -127
+    return d * q

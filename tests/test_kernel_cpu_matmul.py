@@ -1,10 +1,10 @@
-"""kernels.cpu_matmul (the packed few-row product on an x86 CPU: fp32 rows, fp32 or bf16 weights) against its
-reference ``x @ W``."""
+"""kernels.cpu_matmul (the packed few-row product on an x86 CPU: fp32 rows, fp32, bf16 or GGUF-block weights)
+against its reference ``x @ W``."""
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_utils import poisoned_allocations, seeded
+from kernel_utils import gguf_weight, poisoned_allocations, seeded
 
 from kernels import cpu_matmul
 
@@ -97,6 +97,57 @@ def test_linear_takes_bf16_weights_and_keeps_the_rows_dtype(rows):
     out = cpu_matmul.linear(x, w, layout="out_in")
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), x.double() @ w.double().t(), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("isa", list(cpu_matmul.ISAS))
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 12, 13, 27])
+@pytest.mark.parametrize("k,n", [(32, 16), (96, 48), (576, 80), (1536, 64)])
+def test_gguf_block_packings_give_the_fp32_packings_bits(rows, k, n, isa, kind):
+    """Weights that are dequantised Q4_1 / Q8_0 blocks pack as those blocks (5x / 3.5x fewer bytes); the kernel
+    rebuilds every weight with the dequantisation's own arithmetic, so each output is the fp32 packing's very bits.
+    Outputs poisoned; every row count (several tiles per pass for few rows, a partial last group of tiles)."""
+    if isa not in cpu_matmul.runnable_isas():
+        pytest.skip(f"this CPU does not run the {isa} variant")
+    gen = seeded(rows * 100 + k + n)
+    w, x = gguf_weight(k, n, kind, gen), torch.randn(rows, k, generator=gen)
+    packed = cpu_matmul.pack_blocks(w, kind)
+    assert packed is not None and cpu_matmul.WEIGHT_DTYPES[packed.dtype] == kind
+    assert packed.numel() == n * k * cpu_matmul.BLOCK_BYTES[kind] // (32 * 16)
+    assert torch.equal(cpu_matmul.unpack_blocks(packed), w)
+    with poisoned_allocations():
+        out = cpu_matmul.few_rows_matmul(x, packed, isa=cpu_matmul.ISAS[isa])
+        fp32 = cpu_matmul.few_rows_matmul(x, cpu_matmul.pack(w), isa=cpu_matmul.ISAS[isa])
+    assert torch.equal(out, fp32)
+    torch.testing.assert_close(out.double(), cpu_matmul.few_rows_matmul_reference(x.double(), w.double()),
+                               rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+def test_only_weights_that_are_gguf_blocks_pack_as_blocks():
+    gen = seeded(3)
+    q4, q8 = gguf_weight(64, 32, "q4", gen), gguf_weight(64, 32, "q8", gen)
+    assert cpu_matmul.block_values(q4, "q8") is None and cpu_matmul.block_values(q8, "q4") is None
+    assert cpu_matmul.block_values(torch.randn(64, 32, generator=gen), "q4") is None
+    assert cpu_matmul.block_values(torch.randn(64, 32, generator=gen), "q8") is None
+    assert cpu_matmul.block_values(q4[:48], "q4") is None                   # K not whole blocks
+    nudged = q4.clone()
+    nudged[40, 7] = torch.nextafter(nudged[40, 7], torch.tensor(1.0))      # one value off the grid
+    assert cpu_matmul.block_values(nudged, "q4") is None
+    assert cpu_matmul.pack_blocks(q4.t().contiguous(), "q4", "out_in") is not None   # an lm_head's layout
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, cpu_matmul.BLOCKS_MAX_ROWS, cpu_matmul.BLOCKS_MAX_ROWS + 1])
+def test_linear_takes_the_block_packing_for_few_rows_with_the_same_bits(rows, monkeypatch):
+    gen = seeded(rows + 11)
+    w, x = gguf_weight(96, 48, "q4", gen), torch.randn(rows, 96, generator=gen)
+    monkeypatch.setattr(cpu_matmul, "USE_BLOCKS", False)
+    fp32 = cpu_matmul.linear(x, w)
+    assert not hasattr(w, "_packed_q4")
+    monkeypatch.setattr(cpu_matmul, "USE_BLOCKS", True)
+    assert torch.equal(cpu_matmul.linear(x, w), fp32)
+    assert hasattr(w, "_packed_q4") == (rows <= cpu_matmul.BLOCKS_MAX_ROWS)
 
 
 def test_a_variant_can_be_asked_for_by_name(monkeypatch):

@@ -75,15 +75,29 @@ class Shape:
     itemsize: int
     head_itemsize: int | None = None   # the draft head's weights where they differ (bf16 copies on a CPU)
     draft_vocab: int | None = None     # the words the draft head scores, where fewer than the target's
+    # Bytes a weight streams where a product of up to ``block_rows`` rows reads the GGUF blocks the weights came from
+    # (kernels/cpu_matmul.py: Q4_1 layers 0.75, a Q8_0 lm_head 1.125); None: ``itemsize``.
+    block_itemsize: float | None = None
+    block_lm_itemsize: float | None = None
+    block_rows: int = 0
 
     @classmethod
     def of(cls, model, drafter) -> "Shape":
         c = model.config
         head_dtype = drafter.head_dtype(model)
+        blocks = block_itemsizes(model)
         return cls(c.num_layers, c.num_layers - drafter.split_layer, drafter.block_size, c.hidden_size,
                    c.intermediate_size, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim,
                    drafter.config.calibration_rank, model.dtype.itemsize,
-                   None if head_dtype == model.dtype else head_dtype.itemsize, drafter.config.draft_vocab_size)
+                   None if head_dtype == model.dtype else head_dtype.itemsize, drafter.config.draft_vocab_size,
+                   *blocks)
+
+    def weights_bytes(self, layers: int, rows: int, lm: bool = False) -> float:
+        """Bytes of ``layers`` layers' weights (and the lm_head) that a product of ``rows`` rows streams."""
+        blocks = self.block_itemsize is not None and rows <= self.block_rows
+        layer_size = self.block_itemsize if blocks else self.itemsize
+        lm_size = (self.block_lm_itemsize or self.itemsize) if blocks else self.itemsize
+        return layer_size * layers * self.layer_params + (lm_size * self.vocab * self.hidden if lm else 0.0)
 
     @property
     def attn_params(self) -> int:
@@ -108,6 +122,23 @@ class Shape:
         return layers * 2.0 * self.kv_heads * self.head_dim * self.itemsize * positions
 
 
+def block_itemsizes(model) -> tuple[float | None, float | None, int]:
+    """(layer, lm_head, rows) for ``Shape``: what the packed CPU kernel streams per weight where the model's weights
+    are GGUF blocks; (None, None, 0) elsewhere (a GPU, bf16, other checkpoints, the kernel off)."""
+    from kernels import cpu_matmul
+
+    if not (model.device.type == "cpu" and model.dtype == torch.float32 and cpu_matmul.available()):
+        return None, None, 0
+    per_weight = {torch.uint8: "q4", torch.int8: "q8"}
+    sizes = []
+    for weight, layout in ((model.layers[0].w_gate_up, "in_out"), (model.lm_head, "out_in")):
+        columns = weight.shape[1] if layout == "in_out" else weight.shape[0]
+        packed = cpu_matmul.block_packing(weight, layout) if columns % cpu_matmul.TILE == 0 else None
+        sizes.append(None if packed is None else cpu_matmul.BLOCK_BYTES[per_weight[packed.dtype]]
+                     / (cpu_matmul.BLOCK * cpu_matmul.TILE))
+    return sizes[0], sizes[1], cpu_matmul.BLOCKS_MAX_ROWS if sizes[0] is not None else 0
+
+
 def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[float, float]:
     """(FLOPs, bytes) of one call of ``op``."""
     lm = s.vocab * s.hidden
@@ -120,7 +151,7 @@ def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[floa
     if op in ("target", "parallel"):
         t = batch * tokens
         flops = 2.0 * t * (s.layers * s.layer_params + lm) + s.layers * s.attention_flops(t, context + (tokens + 1) / 2)
-        moved = s.itemsize * (s.layers * s.layer_params + lm) + s.kv_bytes(s.layers, batch * (context + tokens))
+        moved = s.weights_bytes(s.layers, t, lm=True) + s.kv_bytes(s.layers, batch * (context + tokens))
         if op == "parallel":
             m = t * s.block
             flops += 2.0 * m * s.tuned * s.layer_params + s.tuned * s.attention_flops(m, context + tokens / 2 + s.block)
@@ -129,7 +160,7 @@ def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[floa
     if op == "draft":
         m = batch * s.block
         return (2.0 * m * s.tuned * s.layer_params + s.tuned * s.attention_flops(m, context + s.block),
-                s.itemsize * s.tuned * s.layer_params + s.kv_bytes(s.tuned, batch * context))
+                s.weights_bytes(s.tuned, m) + s.kv_bytes(s.tuned, batch * context))
     if op == "head":
         rows = batch * (s.block - 1)
         return 2.0 * rows * s.head_params, (s.head_itemsize or s.itemsize) * (s.head_params + rows * s.head_vocab)
@@ -139,7 +170,7 @@ def work(op: str, s: Shape, batch: int, tokens: int, context: int) -> tuple[floa
         t = batch * tokens
         return (2.0 * t * s.layers * s.layer_params + 2.0 * batch * lm
                 + s.layers * s.attention_flops(t, (tokens + 1) / 2),
-                s.itemsize * (s.layers * s.layer_params + lm) + s.kv_bytes(s.layers, t))
+                s.weights_bytes(s.layers, t, lm=True) + s.kv_bytes(s.layers, t))
     raise ValueError(f"unknown op {op!r}")
 
 

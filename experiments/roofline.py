@@ -129,13 +129,10 @@ def block_itemsizes(model) -> tuple[float | None, float | None, int]:
 
     if not (model.device.type == "cpu" and model.dtype == torch.float32 and cpu_matmul.available()):
         return None, None, 0
-    per_weight = {torch.uint8: "q4", torch.int8: "q8"}
     sizes = []
     for weight, layout in ((model.layers[0].w_gate_up, "in_out"), (model.lm_head, "out_in")):
-        columns = weight.shape[1] if layout == "in_out" else weight.shape[0]
-        packed = cpu_matmul.block_packing(weight, layout) if columns % cpu_matmul.TILE == 0 else None
-        sizes.append(None if packed is None else cpu_matmul.BLOCK_BYTES[per_weight[packed.dtype]]
-                     / (cpu_matmul.BLOCK * cpu_matmul.TILE))
+        packed = cpu_matmul.block_packing(weight, layout)
+        sizes.append(None if packed is None else packed.numel() * packed.element_size() / weight.numel())
     return sizes[0], sizes[1], cpu_matmul.BLOCKS_MAX_ROWS if sizes[0] is not None else 0
 
 

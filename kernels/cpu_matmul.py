@@ -233,27 +233,33 @@ def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None =
 
 
 # ---- the dispatcher: products of the model and the draft head --------------------------------------------------
-def packed_weight(weight: torch.Tensor, layout: str, kind: str | None = None) -> torch.Tensor | None:
-    """The weight packed for ``few_rows_matmul`` (``kind`` "q4" / "q8": its GGUF block packing, None where it has
-    none), made once and remade when the weight changes in place."""
+def _cached(weight: torch.Tensor, layout: str, attribute: str, make) -> torch.Tensor | None:
+    """``make(weight, layout)``, kept on the weight as ``attribute`` and remade when the weight changes in place."""
     key = (weight._version, weight.data_ptr(), layout)
-    attribute = f"_packed_{kind}" if kind else "_packed"
     cached = getattr(weight, attribute, None)
     if cached is None or cached[0] != key:
-        cached = (key, pack_blocks(weight, kind, layout) if kind else pack(weight, layout))
+        cached = (key, make(weight, layout))
         setattr(weight, attribute, cached)
     return cached[1]
 
 
+def packed_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The weight packed for ``few_rows_matmul``, made once."""
+    return _cached(weight, layout, "_packed", pack)
+
+
+def _fewest_bytes_blocks(weight: torch.Tensor, layout: str) -> torch.Tensor | None:
+    columns = weight.shape[1] if layout == "in_out" else weight.shape[0]
+    if columns % TILE:
+        return None
+    return next((packed for kind in BLOCK_BYTES if (packed := pack_blocks(weight, kind, layout)) is not None), None)
+
+
 def block_packing(weight: torch.Tensor, layout: str) -> torch.Tensor | None:
-    """The fewest-bytes GGUF block packing an fp32 weight has (Q4_1, else Q8_0), or None."""
+    """The fewest-bytes GGUF block packing an fp32 weight has (Q4_1, else Q8_0), or None; found once."""
     if weight.dtype != torch.float32 or not USE_BLOCKS:
         return None
-    for kind in BLOCK_BYTES:
-        packed = packed_weight(weight, layout, kind)
-        if packed is not None:
-            return packed
-    return None
+    return _cached(weight, layout, "_packed_blocks", _fewest_bytes_blocks)
 
 
 def takes_packed_path(x: torch.Tensor, weight: torch.Tensor, columns: int) -> bool:

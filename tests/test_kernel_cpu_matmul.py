@@ -144,10 +144,10 @@ def test_linear_takes_the_block_packing_for_few_rows_with_the_same_bits(rows, mo
     w, x = gguf_weight(96, 48, "q4", gen), torch.randn(rows, 96, generator=gen)
     monkeypatch.setattr(cpu_matmul, "USE_BLOCKS", False)
     fp32 = cpu_matmul.linear(x, w)
-    assert not hasattr(w, "_packed_q4")
+    assert not hasattr(w, "_packed_blocks")
     monkeypatch.setattr(cpu_matmul, "USE_BLOCKS", True)
     assert torch.equal(cpu_matmul.linear(x, w), fp32)
-    assert hasattr(w, "_packed_q4") == (rows <= cpu_matmul.BLOCKS_MAX_ROWS)
+    assert hasattr(w, "_packed_blocks") == (rows <= cpu_matmul.BLOCKS_MAX_ROWS)
 
 
 def test_a_variant_can_be_asked_for_by_name(monkeypatch):

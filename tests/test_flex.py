@@ -239,6 +239,17 @@ def test_a_lucky_probe_does_not_turn_flex_to_speculation_where_the_store_chose_a
     assert controller.scale * PREDICTED[2]["speedup"] < 1.05
 
 
+def test_flex_keeps_probing_so_that_a_call_whose_acceptance_rises_turns_to_speculation():
+    """A call's first answers accept little (1.5 tokens per row at batch 2, 0.88x the prediction), its later ones much
+    more (3.0): the probe gap stops growing at its cap, so the later answers are probed and speculated on (with a gap
+    left to grow to 64, flex probed once in those 100 steps)."""
+    controller = PREDICTED_POLICY.controller()
+    early = run_controller(controller, 2, 1.5, 150)
+    assert np.diff([i for i, m in enumerate(early) if m == "parallel"])[-3:].tolist() == [17, 17, 17]
+    later = run_controller(controller, 2, 3.0, 100)   # the disappointing probes still weigh: evidence takes a while
+    assert later.index("parallel") <= 17 and set(later[-15:]) == {"parallel"}
+
+
 def test_flex_keeps_speculating_where_the_observed_acceptance_pays():
     controller = PREDICTED_POLICY.controller()
     assert set(run_controller(controller, 1, 2.3, 30)) == {"sequential"}   # 0.92x the prediction: 1.32x ar

@@ -26,3 +26,14 @@ def random_prompts(vocab: int, lengths, seed=0, avoid=()):
             p[p == a] = (a + 1) % vocab
         prompts.append(p.tolist())
     return prompts
+
+
+class StubTokenizer:
+    """What ``FlexDraft.generate`` needs of a tokenizer for a tiny model: no stop tokens, ids as text."""
+    eos_token_id = None
+
+    def get_vocab(self):
+        return {}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))

@@ -14,7 +14,7 @@ from flexdraft.drafter import Drafter
 from flexdraft.generate import generate_ar
 from flexdraft.sampling import SamplingParams
 from flexdraft.speculative import SpecConfig, generate_speculative
-from helpers import random_prompts, tiny_target
+from helpers import StubTokenizer, random_prompts, tiny_target
 
 # A synthetic cost table: the roofline's floor at every point plus a fixed overhead per call, for Qwen3-8B's shape
 # (bf16, 10 tuned layers) on an H200's ceilings (as measured for this project: 4.3 TB/s, 790 TFLOP/s).
@@ -371,21 +371,12 @@ def test_flex_that_picks_ar_everywhere_runs_the_plain_ar_loop(tiny, monkeypatch,
 
     model, drafter = tiny
 
-    class Tokenizer:   # what generate needs of one: stop tokens and text
-        eos_token_id = None
-
-        def get_vocab(self):
-            return {}
-
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
     calls = []
     original = flexdraft.speculative.generate_speculative
     monkeypatch.setattr(flexdraft.speculative, "generate_speculative",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.setattr(experiments.crossover, "flex_policy", lambda *_: FlexPolicy(choices, "test", predicted))
-    fd = FlexDraft(model, Tokenizer(), "tiny", drafter)
+    fd = FlexDraft(model, StubTokenizer(), "tiny", drafter)
     prompts = random_prompts(model.config.vocab_size, [3, 8, 5], seed=11)
     ar = fd.generate(prompt_ids=prompts, mode="ar", max_new_tokens=10, batch_size=2)
     flex = fd.generate(prompt_ids=prompts, mode="flex", max_new_tokens=10, batch_size=2)

@@ -6,28 +6,18 @@ from experiments.crossover import FlexPolicy
 from experiments.replay import compare, oracle_gains, replay
 from flexdraft.api import FlexDraft
 from flexdraft.drafter import Drafter
-from helpers import random_prompts, tiny_target
+from helpers import StubTokenizer, random_prompts, tiny_target
 
 MAX_NEW = 24
 # A store whose batch-1 prediction sits at the margin: flex starts with ar and probes sequential steps.
 CLOSE_CALL = {1: {"mode": "sequential", "verify_threshold": None, "speedup": 1.0, "tokens_per_step": 1.5}}
 
 
-class Tokenizer:
-    eos_token_id = None
-
-    def get_vocab(self):
-        return {}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
 @pytest.fixture(scope="module")
 def oracle():
     model, _ = tiny_target("llama", seed=5, max_position_embeddings=256)
     drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=0)
-    fd = FlexDraft(model, Tokenizer(), "tiny", drafter)
+    fd = FlexDraft(model, StubTokenizer(), "tiny", drafter)
     prompts = random_prompts(model.config.vocab_size, [3, 9, 5, 12], seed=7)
     return fd, prompts, oracle_gains(fd, prompts, MAX_NEW, progress=False)
 

@@ -391,9 +391,9 @@ PRIOR_STEPS = 2       # the store's prediction weighs as much as this many obser
 BEST_CASE = 1.5
 # ar steps before a speculative step probes acceptance again, doubling while probes disappoint, up to the cap. A
 # wasted probe costs a fraction of one speculative step, so at the cap probing costs a few percent; a higher cap lets a
-# call whose first answers accept little miss the later ones that pay. AMD host, batch 1, the oracle replay of 32 + 32
-# prompts (session 27): a cap of 64 left HumanEval's bench prompts at 0.85x sequential (6 probes in 244 steps), 16
-# brought them to 1.01x at a 0.2% cost on MT-bench.
+# call whose first answers accept little miss the later ones that pay. AMD host, batch 1, replayed over 32 + 32 prompts
+# (experiments/replay.py): a cap of 64 left HumanEval's 8 bench prompts at 0.83x the best mode (6 probes in 244
+# steps), 16 at 1.01x (all 32: 0.95x -> 1.00x), MT-bench 1.00x -> 0.99x.
 PROBE_GAP, MAX_PROBE_GAP = 4, 16
 # Overriding the store's ar takes evidence: the scale's lower bound, this many standard errors below its mean, must
 # pay. One step's tokens per row vary a lot (MT-bench at batch 2: 1 to 4, the scale's step-to-step spread ~0.5), so a

@@ -28,8 +28,13 @@ import torch
 WINDOW = 8   # prompts per row of the table: the bench's batch-1 call at --prompts 8
 
 
+class FirstStepDone(Exception):
+    pass
+
+
 class OneSequentialStep:
-    """A flex-style mode that runs sequential steps and keeps what the first one gained."""
+    """A flex-style mode that runs one sequential step, keeps its gain and ends the generation (the rest of the
+    answer is not needed, and the step still sees the room a whole answer leaves)."""
 
     def __init__(self):
         self.gain = None
@@ -41,8 +46,8 @@ class OneSequentialStep:
         return {"sequential"}
 
     def observe(self, mode: str, batch_size: int, tokens_per_row: float) -> None:
-        if self.gain is None:
-            self.gain = int(tokens_per_row)
+        self.gain = int(tokens_per_row)
+        raise FirstStepDone
 
 
 def oracle_gains(fd, prompt_ids: list[list[int]], max_new_tokens: int, progress: bool = True) -> list[dict]:
@@ -50,8 +55,8 @@ def oracle_gains(fd, prompt_ids: list[list[int]], max_new_tokens: int, progress:
     ``k + 1`` answer tokens exist (the prefill of prompt + answer[:k] makes answer[k], then one step)."""
     from tqdm import tqdm
 
-    from flexdraft.speculative import SpecConfig, generate_speculative
     from flexdraft.sampling import SamplingParams
+    from flexdraft.speculative import SpecConfig, generate_speculative
 
     params, spec, stops = SamplingParams(0.0), SpecConfig(), fd.stop_ids()
     rows = []
@@ -60,9 +65,12 @@ def oracle_gains(fd, prompt_ids: list[list[int]], max_new_tokens: int, progress:
         gains = []
         for k in range(len(answer) - 1):
             step = OneSequentialStep()
-            generate_speculative(fd.model, fd.drafter, [ids + answer[:k]], max_new_tokens - k, params, [stops],
-                                 torch.zeros(1, dtype=torch.long), step, spec)
-            gains.append(step.gain)
+            try:
+                generate_speculative(fd.model, fd.drafter, [ids + answer[:k]], max_new_tokens - k, params, [stops],
+                                     torch.zeros(1, dtype=torch.long), step, spec)
+            except FirstStepDone:
+                pass
+            gains.append(step.gain)   # None (a failing replay) if no step ran
         rows.append({"answer": answer, "gains": gains})
     return rows
 

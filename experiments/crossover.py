@@ -389,12 +389,15 @@ PRIOR_STEPS = 2       # the store's prediction weighs as much as this many obser
 # tokens per step on the AMD host (MT-bench 0.68-0.84x), and a batch size whose prediction falls short of the margin
 # even so is never probed.
 BEST_CASE = 1.5
-# ar steps before a speculative step probes acceptance again, doubling while probes disappoint, up to the cap. A
-# wasted probe costs a fraction of one speculative step, so at the cap probing costs a few percent; a higher cap lets a
-# call whose first answers accept little miss the later ones that pay. AMD host, batch 1, replayed over 32 + 32 prompts
-# (experiments/replay.py): a cap of 64 left HumanEval's 8 bench prompts at 0.83x the best mode (6 probes in 244
-# steps), 16 at 1.01x (all 32: 0.95x -> 1.00x), MT-bench 1.00x -> 0.99x.
-PROBE_GAP, MAX_PROBE_GAP = 4, 16
+# ar steps before a speculative step probes acceptance again, doubling while probes disappoint, up to a cap. A wasted
+# probe costs a fraction of one speculative step, so at the cap probing costs a few percent. Where the prediction is a
+# close call (within CLOSE_CALL of the margin at the predicted acceptance), whether speculation pays turns on the
+# workload, and a high cap lets a call whose first answers accept little miss the later ones that pay: AMD host, batch
+# 1 (sequential predicted 1.045x ar), replayed over 32 + 32 prompts (experiments/replay.py), a cap of 64 left
+# HumanEval's 8 bench prompts at 0.83x the best mode (6 probes in 244 steps), 16 at 1.01x (all 32: 0.95x -> 1.00x),
+# MT-bench 1.00x -> 0.99x. Elsewhere (batch 2: 0.77x predicted) probes rarely pay and cost more: the high cap.
+PROBE_GAP, MAX_PROBE_GAP, CLOSE_CALL_MAX_PROBE_GAP = 4, 64, 16
+CLOSE_CALL = 1.1
 # Overriding the store's ar takes evidence: the scale's lower bound, this many standard errors below its mean, must
 # pay. One step's tokens per row vary a lot (MT-bench at batch 2: 1 to 4, the scale's step-to-step spread ~0.5), so a
 # lucky probe or two moved the mean past the margin. AMD host, batch 2, 5 interleaved repetitions (greedy MT-bench,
@@ -418,9 +421,9 @@ class FlexController:
     steps, with the prediction counted as ``PRIOR_STEPS`` steps. A speculative step runs where scale x predicted
     speedup reaches ``OBSERVED_MARGIN`` (before any observation: the store's own choice), else an ar step. ar steps
     observe nothing, so after ``gap`` of them one speculative step probes again; a probe that does not pay doubles the
-    gap. Where the store chose ar, speculation must be earned: the scale's lower bound (``EVIDENCE_Z`` standard
-    errors below) has to pay, not its mean. Choices depend on acceptance only, never on time: a call's output is
-    reproducible.
+    gap, up to a cap that is lower where the prediction is a close call. Where the store chose ar, speculation must be
+    earned: the scale's lower bound (``EVIDENCE_Z`` standard errors below) has to pay, not its mean. Choices depend on
+    acceptance only, never on time: a call's output is reproducible.
     """
 
     def __init__(self, policy: FlexPolicy):
@@ -479,7 +482,8 @@ class FlexController:
         self.since_speculative = 0
         if probed:   # a probe whose mean pays, its lower bound not yet, is promising: probe again soon
             promising = pays_at(self.scale, spec)
-            self.gap = PROBE_GAP if promising else min(2 * self.gap, MAX_PROBE_GAP)
+            cap = CLOSE_CALL_MAX_PROBE_GAP if pays_at(CLOSE_CALL, spec) else MAX_PROBE_GAP
+            self.gap = PROBE_GAP if promising else min(2 * self.gap, cap)
 
 
 def default_policy(reason: str) -> FlexPolicy:

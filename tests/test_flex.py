@@ -239,15 +239,24 @@ def test_a_lucky_probe_does_not_turn_flex_to_speculation_where_the_store_chose_a
     assert controller.scale * PREDICTED[2]["speedup"] < 1.05
 
 
-def test_flex_keeps_probing_so_that_a_call_whose_acceptance_rises_turns_to_speculation():
-    """A call's first answers accept little (1.5 tokens per row at batch 2, 0.88x the prediction), its later ones much
-    more (3.0): the probe gap stops growing at its cap, so the later answers are probed and speculated on (with a gap
-    left to grow to 64, flex probed once in those 100 steps)."""
-    controller = PREDICTED_POLICY.controller()
-    early = run_controller(controller, 2, 1.5, 150)
-    assert np.diff([i for i, m in enumerate(early) if m == "parallel"])[-3:].tolist() == [17, 17, 17]
-    later = run_controller(controller, 2, 3.0, 100)   # the disappointing probes still weigh: evidence takes a while
-    assert later.index("parallel") <= 17 and set(later[-15:]) == {"parallel"}
+def test_where_the_store_chose_ar_by_a_hair_flex_keeps_probing_so_that_rising_acceptance_turns_it():
+    """Batch 1, sequential predicted 1.0x ar (the AMD host's 1.045x): a call's first answers accept little (2.0 tokens
+    per step, 0.8x the prediction), its later ones twice the prediction (5.0). The probe gap stops growing at 16
+    there, so the later answers are probed and speculated on (with the gap left to grow to 64, flex probed once in
+    those 100 steps). Where the prediction is far from paying (batch 2, 0.77x) the gap grows to 64: probes rarely pay
+    there and cost more."""
+    close_call = {1: {"mode": "sequential", "verify_threshold": None, "speedup": 1.0, "tokens_per_step": 2.5},
+                  2: {"mode": "parallel", "verify_threshold": 0.1, "speedup": 0.77, "tokens_per_step": 1.7}}
+    policy = FlexPolicy({1: ("ar", None)}, "test", close_call)
+
+    def probe_gaps(modes):
+        return np.diff([i for i, m in enumerate(modes) if m != "ar"]) - 1
+
+    controller = policy.controller()
+    assert probe_gaps(run_controller(controller, 1, 2.0, 150))[-3:].tolist() == [16, 16, 16]
+    later = run_controller(controller, 1, 5.0, 100)
+    assert later.index("sequential") <= 16 and set(later[-30:]) == {"sequential"}
+    assert probe_gaps(run_controller(policy.controller(), 2, 1.3, 300))[-2:].tolist() == [64, 64]
 
 
 def test_flex_keeps_speculating_where_the_observed_acceptance_pays():

@@ -10,7 +10,7 @@ from helpers import StubTokenizer, random_prompts, tiny_target
 
 MAX_NEW = 24
 # A store whose batch-1 prediction sits at the margin: flex starts with ar and probes sequential steps.
-CLOSE_CALL = {1: {"mode": "sequential", "verify_threshold": None, "speedup": 1.0, "tokens_per_step": 1.5}}
+AT_THE_MARGIN = {1: {"mode": "sequential", "verify_threshold": None, "speedup": 1.0, "tokens_per_step": 1.5}}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_oracle_rows_are_the_greedy_answers_and_replaying_sequential_takes_the_e
 
 def test_replaying_the_controller_takes_the_steps_flex_takes(oracle, monkeypatch):
     fd, prompts, rows = oracle
-    policy = FlexPolicy({1: ("ar", None)}, "test", CLOSE_CALL)
+    policy = FlexPolicy({1: ("ar", None)}, "test", AT_THE_MARGIN)
     monkeypatch.setattr(experiments.crossover, "flex_policy", lambda *_: policy)
     flex = fd.generate(prompt_ids=prompts, mode="flex", max_new_tokens=MAX_NEW).stats.mode_steps
     assert flex.get("ar", 0) > 0 and flex.get("sequential", 0) > 0

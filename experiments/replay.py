@@ -88,13 +88,14 @@ def step_cost_ratio(fd, prompt_ids: list[list[int]], max_new_tokens: int, repeat
 def replay(rows: list[dict], choose, cost_ratio: float) -> dict:
     """Walk every answer with ``choose(batch_size) -> mode or (mode, threshold)`` (a fixed mode, or a controller that
     also observes each step): decode cost in ar steps, and the speculative steps taken."""
+    from flexdraft.speculative import step_choice
+
     cost, speculative = 0.0, 0
     observe = getattr(choose, "observe", None)
     for row in rows:
         generated, length = 1, len(row["answer"])
         while generated < length:
-            mode = choose(1)
-            mode = mode[0] if isinstance(mode, tuple) else mode
+            mode, _threshold = step_choice(choose, 1)
             gain = 1 if mode == "ar" else min(row["gains"][generated - 1], length - generated)
             if observe is not None:
                 observe(mode, 1, float(gain))

@@ -112,6 +112,18 @@ def few_rows_matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return x @ weight
 
 
+def _in_out(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The weight as [K, N] (detached; a view of an ``out_in`` weight), N checked to be whole tiles."""
+    w = weight.detach()
+    if layout == "out_in":
+        w = w.t()
+    elif layout != "in_out":
+        raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
+    if w.shape[1] % TILE:
+        raise ValueError(f"the packed kernel needs a multiple of {TILE} output columns, got {w.shape[1]}")
+    return w
+
+
 def pack(weight: torch.Tensor, layout: str = "in_out") -> torch.Tensor:
     """``[N/16, K, 16]`` contiguous from a weight stored [K, N] (``in_out``) or [N, K] (``out_in``, PyTorch's
     ``F.linear`` layout, e.g. an lm_head).
@@ -119,14 +131,8 @@ def pack(weight: torch.Tensor, layout: str = "in_out") -> torch.Tensor:
     bf16 stays bf16 (half the bytes to stream), and so does an fp32 weight whose every value is a bf16 value (a bf16
     checkpoint run in fp32, such as a drafter's projectors): the kernel widens each weight back exactly, so its
     products are bit for bit those of the fp32 copy. Anything else becomes fp32."""
-    w = weight.detach()
-    if layout == "out_in":
-        w = w.t()
-    elif layout != "in_out":
-        raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
+    w = _in_out(weight, layout)
     K, N = w.shape
-    if N % TILE:
-        raise ValueError(f"the packed kernel needs a multiple of {TILE} output columns, got {N}")
     w = w if w.dtype == torch.bfloat16 else w.float()
     if w.dtype == torch.float32 and torch.equal(w, w.bfloat16().float()):
         w = w.bfloat16()
@@ -174,11 +180,8 @@ def block_values(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.T
 def pack_blocks(weight: torch.Tensor, kind: str, layout: str = "in_out") -> torch.Tensor | None:
     """The GGUF block packing ``[N/16, K/32, BLOCK_BYTES[kind]]`` (Q4_1: uint8, Q8_0: int8) of a weight whose values
     are those blocks' (``block_values``; ``layout`` as for ``pack``), or None."""
-    w = weight.detach()
-    w = w.t() if layout == "out_in" else w
+    w = _in_out(weight, layout)
     K, N = w.shape
-    if N % TILE:
-        raise ValueError(f"the packed kernel needs a multiple of {TILE} output columns, got {N}")
     values = block_values(w, kind)
     if values is None:
         return None

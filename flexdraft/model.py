@@ -19,6 +19,7 @@ from flexdraft.config import ModelConfig, rope_frequencies
 from flexdraft.errors import FlexDraftError
 from kernels.block_attention import block_attention, step_arguments
 from kernels.cpu_matmul import linear
+from kernels.cpu_rowwise import add_rms_norm, rms_norm, rope, write_cache
 
 
 class KVCache:
@@ -40,9 +41,8 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: [B, T, Hkv, D] at positions [B, T]."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer][rows, :, positions] = k.to(self.k.dtype)  # autocast may hand bf16 to an fp32 cache
-        self.v[layer][rows, :, positions] = v.to(self.v.dtype)
+        write_cache(self.k[layer], k, positions)
+        write_cache(self.v[layer], v, positions)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop finished sequences from the batch (one copy per finish event, not per step)."""
@@ -60,14 +60,6 @@ class MaskStream:
     anchors: torch.Tensor
     group_size: int
     tree: torch.Tensor | None = None
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the Hugging Face (half-split) convention; x [B, T, H, D], cos/signed_sin [B, T, 1, D].
-
-    ``signed_sin`` is sin with its first half negated (``Transformer.rope``), so that rotate_half(x) * sin is
-    x.roll(D/2) * signed_sin: three fewer small ops per call, same values (a negation is exact)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class AttentionWeights(nn.Module):
@@ -92,12 +84,11 @@ class AttentionWeights(nn.Module):
         if self.q_norm is None:
             return qkv
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        return torch.cat([F.rms_norm(q, (self.head_dim,), self.q_norm, self.eps),
-                          F.rms_norm(k, (self.head_dim,), self.k_norm, self.eps), v], dim=2)
+        return torch.cat([rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps), v], dim=2)
 
     def split_rotated(self, heads: torch.Tensor, cos, signed_sin):
         """[B, T, Hq + 2 Hkv, D] heads -> q [B, T, Hq, D], k and v [B, T, Hkv, D]; q and k rotated in one call."""
-        qk = rotate(heads[:, :, :self.num_heads + self.num_kv_heads], cos, signed_sin)
+        qk = rope(heads, self.num_heads + self.num_kv_heads, cos, signed_sin)
         return qk[:, :, :self.num_heads], qk[:, :, self.num_heads:], heads[:, :, self.num_heads + self.num_kv_heads:]
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
@@ -115,8 +106,9 @@ class Layer(nn.Module):
         self.w_down = nn.Parameter(torch.empty(c.intermediate_size, c.hidden_size), requires_grad=False)
         self.eps = c.rms_norm_eps
 
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(F.rms_norm(h, h.shape[-1:], self.mlp_norm, self.eps), self.w_gate_up).chunk(2, dim=-1)
+    def mlp(self, normed: torch.Tensor) -> torch.Tensor:
+        """The MLP of the residual stream already normed with ``mlp_norm`` (``add_rms_norm`` after attention)."""
+        gate, up = linear(normed, self.w_gate_up).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, self.w_down)
 
 
@@ -154,7 +146,7 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
     def rope(self, positions: torch.Tensor):
-        """cos, signed sin (see ``rotate``) [B, T, 1, D] for positions [B, T], from a table grown on demand."""
+        """cos, signed sin (see ``kernels.cpu_rowwise.rope``) [B, T, 1, D] for positions [B, T], from a table grown on demand."""
         need = int(positions.max()) + 1 if positions.numel() else 1
         if self._rope_table is None or self._rope_table[0].shape[0] < need:
             length = max(need, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]), 1024)
@@ -169,7 +161,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head, only for the rows that need logits."""
-        normed = F.rms_norm(hidden, hidden.shape[-1:], self.norm, self.config.rms_norm_eps)
+        normed = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
         return linear(normed, self.lm_head, layout="out_in")
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
@@ -210,7 +202,7 @@ class Transformer(nn.Module):
                 mask_hidden = drafter.mask_embedding.to(self.dtype).expand(positions.shape[0], masks.positions.shape[1], -1)
                 hidden = mask_hidden if hidden is None else torch.cat([hidden, mask_hidden], dim=1)
             tuned = masks is not None and index >= drafter.split_layer
-            x = F.rms_norm(hidden, hidden.shape[-1:], layer.attn_norm, layer.eps)
+            x = rms_norm(hidden, layer.attn_norm, layer.eps)
             if tuned:
                 # Clean rows project with the target's weights, masks with the drafter's; one RoPE call for both.
                 draft_attn = drafter.attention(index)
@@ -233,8 +225,8 @@ class Transformer(nn.Module):
                 out = out_mask if out is None else torch.cat([out, out_mask], dim=1)
             else:
                 out = layer.attn.output(attn)
-            hidden = hidden + out
-            hidden = hidden + layer.mlp(hidden)
+            hidden, normed = add_rms_norm(hidden, out, layer.mlp_norm, layer.eps)
+            hidden = hidden + layer.mlp(normed)
         if masks is None:
             return hidden, None
         return hidden[:, :num_clean], hidden[:, num_clean:]

@@ -29,7 +29,7 @@ bf16 weights serve the draft head (bf16 copies of its vocabulary rows: on the Xe
 (a drafter's projectors, saved in bf16): packed as bf16, those give the fp32 packing's very bits.
 
 The C source is generated below (one function per row count, accumulators as named locals: GCC spills an array of
-them), compiled with the system C compiler on first use into the cache and loaded with ctypes. Where that cannot
+them), compiled with the system C compiler on first use into the cache and loaded with ctypes (``kernels.cpu_build``). Where that cannot
 work (no compiler, no AVX2/FMA, not x86-64) ``available()`` is False, says why, and callers use torch.
 $FLEXDRAFT_CPU_MATMUL_ISA=avx2 keeps an AVX-512 CPU on the AVX2 variant.
 
@@ -39,17 +39,15 @@ tests/test_kernel_cpu_matmul.py, tests/bench_kernels.py.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kernels.cpu_build import compile_library
 
 TILE = 16   # output columns per tile of the packed layout: two AVX2 registers, or one AVX-512 register
 WEIGHT_C_TYPES = {"f32": "float", "bf16": "uint16_t", "q4": "uint8_t", "q8": "int8_t"}   # rows are fp32 either way
@@ -220,19 +218,19 @@ def unpack_blocks(packed: torch.Tensor) -> torch.Tensor:
 def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int | None = None,
                     isa: Isa | None = None) -> torch.Tensor:
     """``x [..., K] @ W`` for W packed by ``pack`` (fp32 or bf16) or ``pack_blocks``, x fp32 on the CPU; returns fp32
-    [..., N], summed in fp32. ``isa``: a variant other than the one chosen for this CPU (tests, benchmarks)."""
-    tiles, K = packed.shape[0], packed.shape[1] * (BLOCK if WEIGHT_DTYPES.get(packed.dtype) in BLOCK_BYTES else 1)
-    if (x.shape[-1] != K or x.dtype != torch.float32 or packed.dtype not in WEIGHT_DTYPES
-            or x.device.type != "cpu"):
+    [..., N], summed in fp32. ``isa``: a variant other than the one chosen for this CPU (tests, benchmarks).
+    Called ~120 times a decode step, so it stays lean: a few microseconds of Python around the C call."""
+    kind = WEIGHT_DTYPES.get(packed.dtype)
+    tiles, K = packed.shape[0], packed.shape[1] * (BLOCK if kind in BLOCK_BYTES else 1)
+    if x.shape[-1] != K or x.dtype is not torch.float32 or kind is None or not x.is_cpu:
         raise ValueError(f"few_rows_matmul takes fp32 CPU rows and packed weights with K = {K}; got x "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}, weights {packed.dtype}")
-    rows = x.reshape(-1, K).contiguous()
-    out = torch.empty(rows.shape[0], tiles * TILE, dtype=torch.float32)
-    lib = _library() if isa is None else library(isa)
-    run = getattr(lib, f"few_rows_matmul_{WEIGHT_DTYPES[packed.dtype]}")
-    run(rows.data_ptr(), rows.shape[0], K, packed.data_ptr(), out.data_ptr(), tiles * TILE,
-        threads or torch.get_num_threads())
-    return out.view(*x.shape[:-1], tiles * TILE)
+    rows = x if x.is_contiguous() else x.contiguous()
+    M = rows.numel() // K
+    out = torch.empty(*x.shape[:-1], tiles * TILE)
+    run = _runners(isa)[kind]
+    run(rows.data_ptr(), M, K, packed.data_ptr(), out.data_ptr(), tiles * TILE, threads or torch.get_num_threads())
+    return out
 
 
 # ---- the dispatcher: products of the model and the draft head --------------------------------------------------
@@ -269,14 +267,13 @@ def takes_packed_path(x: torch.Tensor, weight: torch.Tensor, columns: int) -> bo
     """Whether ``x @ weight`` may run in the packed CPU kernel: a product of few rows, fp32 (or bf16 weights with
     rows of their dtype or fp32), not under autocast, and nothing for autograd to track (the kernel has no
     backward)."""
-    if not (x.device.type == "cpu" and columns % TILE == 0 and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if (not x.is_cpu or columns % TILE or torch.is_autocast_enabled("cpu")
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not available()):
         return False
     rows = x.numel() // x.shape[-1]
-    if weight.dtype == torch.float32:
-        return x.dtype == torch.float32 and available() and rows <= ISA.packed_max_rows
-    return (weight.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and available()
-            and rows <= BF16_MAX_ROWS)
+    if weight.dtype is torch.float32:
+        return x.dtype is torch.float32 and rows <= ISA.packed_max_rows
+    return weight.dtype is torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and rows <= BF16_MAX_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -288,7 +285,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     columns = weight.shape[1] if layout == "in_out" else weight.shape[0]
     if takes_packed_path(x, weight, columns):
         blocks = block_packing(weight, layout) if x.numel() // x.shape[-1] <= BLOCKS_MAX_ROWS else None
-        out = few_rows_matmul(x.float(), packed_weight(weight, layout) if blocks is None else blocks).to(x.dtype)
+        out = few_rows_matmul(x if x.dtype is torch.float32 else x.float(),
+                              packed_weight(weight, layout) if blocks is None else blocks)
+        out = out if x.dtype is torch.float32 else out.to(x.dtype)
     else:
         out = x @ weight if layout == "in_out" else F.linear(x, weight)
     return out if bias is None else out + bias
@@ -443,11 +442,6 @@ _WHY_NOT: str | None = None
 ISA: Isa | None = None    # the variant in use, once ``available()`` has built it
 
 
-def _cache_dir() -> Path:
-    from flexdraft.assets import cache_dir
-    return cache_dir() / "kernels"
-
-
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -489,22 +483,7 @@ def chosen_isa() -> Isa:
 
 
 def _build(isa: Isa) -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    text, flags = source(isa), [*CFLAGS, *isa.cflags]
-    digest = hashlib.sha256((text + " ".join(flags) + compiler).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_matmul-{isa.name}-{digest}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            c_file, so_file = Path(tmp) / "cpu_matmul.c", Path(tmp) / "cpu_matmul.so"
-            c_file.write_text(text)
-            done = subprocess.run([compiler, *flags, str(c_file), "-o", str(so_file)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
-            os.replace(so_file, target)   # atomic: a concurrent build never loads half a file
-    lib = ctypes.CDLL(str(target))
+    lib = compile_library(f"cpu_matmul-{isa.name}", source(isa), [*CFLAGS, *isa.cflags])
     for weights in WEIGHT_C_TYPES:
         fn = getattr(lib, f"few_rows_matmul_{weights}")
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -514,12 +493,15 @@ def _build(isa: Isa) -> ctypes.CDLL:
 
 
 _LIBS: dict[str, ctypes.CDLL] = {}
+_RUNNERS: dict[str, dict] = {}   # per variant: weight format -> its C function
 
 
 def library(isa: Isa) -> ctypes.CDLL:
     """The compiled variant for ``isa`` (built on first use, then cached on disk and in the process)."""
     if isa.name not in _LIBS:
         _LIBS[isa.name] = _build(isa)
+        _RUNNERS[isa.name] = {weights: getattr(_LIBS[isa.name], f"few_rows_matmul_{weights}")
+                              for weights in WEIGHT_C_TYPES}
     return _LIBS[isa.name]
 
 
@@ -527,6 +509,17 @@ def _library() -> ctypes.CDLL:
     if not available():
         raise RuntimeError(f"the packed CPU matmul is unavailable: {_WHY_NOT}")
     return library(ISA)
+
+
+def _runners(isa: Isa | None) -> dict:
+    """The C functions of ``isa``'s variant, or of the one chosen for this CPU."""
+    if isa is None:
+        if ISA is None:
+            _library()   # builds the chosen variant, or raises saying why it cannot
+        isa = ISA
+    if isa.name not in _RUNNERS:
+        library(isa)
+    return _RUNNERS[isa.name]
 
 
 def available() -> bool:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # kernel_utils,
 from kernel_utils import DEVICE, ON_GPU, gguf_weight  # noqa: E402
 
 from autotune.spaces import MODELS, attention_inputs, draft_head_inputs, verify_inputs  # noqa: E402
-from kernels import cpu_matmul  # noqa: E402
+from kernels import cpu_matmul, cpu_rowwise  # noqa: E402
 from kernels.block_attention import block_attention_reference, block_attention_triton  # noqa: E402
 from kernels.draft_head import draft_head_reference, draft_head_triton  # noqa: E402
 from kernels.verify import (verify_greedy_reference, verify_greedy_triton, verify_sampling_reference,  # noqa: E402
@@ -151,6 +151,40 @@ def bench_cpu_matmul(benchmark, provider, k, n, rows):
     fn()
     benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=2)
 
+
+
+# ---- a decode step's small row-wise ops (compiled C, as the products) ---------------------------------------------
+def rowwise_case(op: str, rows: int):
+    """(C op, its reference) on SmolLM2-135M's widths: hidden 576, 9 q + 3 kv heads of 64, a 1024-slot cache."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 576, generator=gen) * 30, torch.randn(576, generator=gen)
+    if op == "rms_norm":
+        return (lambda: cpu_rowwise.rms_norm(x, w, 1e-5)), (lambda: cpu_rowwise.rms_norm_reference(x, w, 1e-5))
+    if op == "add_rms_norm":
+        return ((lambda: cpu_rowwise.add_rms_norm(x, x, w, 1e-5)),
+                (lambda: cpu_rowwise.add_rms_norm_reference(x, x, w, 1e-5)))
+    heads = torch.randn(1, rows, 15, 64, generator=gen)
+    cos, sin = torch.randn(1, rows, 1, 64, generator=gen), torch.randn(1, rows, 1, 64, generator=gen)
+    if op == "rope":
+        return ((lambda: cpu_rowwise.rope(heads, 12, cos, sin)),
+                (lambda: cpu_rowwise.rope_reference(heads, 12, cos, sin)))
+    cache, slots = torch.zeros(1, 3, 1024, 64), torch.arange(300, 300 + rows)[None]
+    return ((lambda: cpu_rowwise.write_cache(cache, heads[:, :, 12:], slots)),
+            (lambda: cpu_rowwise.write_cache_reference(cache, heads[:, :, 12:], slots)))
+
+
+@pytest.mark.skipif(not cpu_matmul.available(), reason=f"CPU kernels: {cpu_matmul.why_unavailable()}")
+@pytest.mark.parametrize("provider", ["c", "torch"])
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "rope", "write_cache"])
+@pytest.mark.parametrize("rows", [1, 9])
+def bench_cpu_rowwise(benchmark, provider, op, rows):
+    """One call of each op at decode row counts (1 row, a 9-token verify tree); the references are the torch ops
+    the model ran before (their cost in a decode loop is higher still: their code is evicted between products)."""
+    fast, reference = rowwise_case(op, rows)
+    fn = fast if provider == "c" else reference
+    benchmark.group = f"cpu_rowwise {op} rows {rows}"
+    fn()
+    benchmark.pedantic(fn, rounds=200, iterations=10, warmup_rounds=5)
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "--benchmark-only", "-o", "python_functions=bench_*", *sys.argv[1:]]))

@@ -45,13 +45,13 @@ def test_cache_dir_uses_env_and_is_created(tmp_cache):
 
 
 def test_cache_dir_without_platformdirs_is_the_xdg_default(tmp_path, monkeypatch):
-    """The lent GPU machine has no platformdirs; the packed CPU matmul's build cache goes there too."""
+    """The lent GPU machine has no platformdirs; the CPU kernels' build cache goes there too."""
     monkeypatch.delenv("FLEXDRAFT_CACHE", raising=False)
     monkeypatch.setitem(sys.modules, "platformdirs", None)   # import fails
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert assets.cache_dir() == tmp_path / "xdg" / "flexdraft"
-    from kernels import cpu_matmul
-    assert cpu_matmul._cache_dir() == tmp_path / "xdg" / "flexdraft" / "kernels"
+    from kernels import cpu_build
+    assert cpu_build.cache_dir() == tmp_path / "xdg" / "flexdraft" / "kernels"
 
 
 def test_unwritable_cache_is_an_asset_error(tmp_path, monkeypatch):

@@ -146,7 +146,8 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
     def rope(self, positions: torch.Tensor):
-        """cos, signed sin (see ``kernels.cpu_rowwise.rope``) [B, T, 1, D] for positions [B, T], from a table grown on demand."""
+        """cos, signed sin (see ``kernels.cpu_rowwise.rope_reference``) [B, T, 1, D] for positions [B, T], from a
+        table grown on demand."""
         need = int(positions.max()) + 1 if positions.numel() else 1
         if self._rope_table is None or self._rope_table[0].shape[0] < need:
             length = max(need, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]), 1024)

@@ -29,8 +29,9 @@ bf16 weights serve the draft head (bf16 copies of its vocabulary rows: on the Xe
 (a drafter's projectors, saved in bf16): packed as bf16, those give the fp32 packing's very bits.
 
 The C source is generated below (one function per row count, accumulators as named locals: GCC spills an array of
-them), compiled with the system C compiler on first use into the cache and loaded with ctypes (``kernels.cpu_build``). Where that cannot
-work (no compiler, no AVX2/FMA, not x86-64) ``available()`` is False, says why, and callers use torch.
+them), compiled with the system C compiler on first use into the cache and loaded with ctypes (``kernels.cpu_build``).
+Where that cannot work (no compiler, no AVX2/FMA, not x86-64) ``available()`` is False, says why, and callers use
+torch.
 $FLEXDRAFT_CPU_MATMUL_ISA=avx2 keeps an AVX-512 CPU on the AVX2 variant.
 
 Module / reference / test / benchmark: ``few_rows_matmul`` here, ``few_rows_matmul_reference`` beside it,
@@ -285,9 +286,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     columns = weight.shape[1] if layout == "in_out" else weight.shape[0]
     if takes_packed_path(x, weight, columns):
         blocks = block_packing(weight, layout) if x.numel() // x.shape[-1] <= BLOCKS_MAX_ROWS else None
-        out = few_rows_matmul(x if x.dtype is torch.float32 else x.float(),
-                              packed_weight(weight, layout) if blocks is None else blocks)
-        out = out if x.dtype is torch.float32 else out.to(x.dtype)
+        out = few_rows_matmul(x.float(), packed_weight(weight, layout) if blocks is None else blocks).to(x.dtype)
     else:
         out = x @ weight if layout == "in_out" else F.linear(x, weight)
     return out if bias is None else out + bias

@@ -387,8 +387,10 @@ OBSERVED_MARGIN = 1.05
 PRIOR_STEPS = 2       # the store's prediction weighs as much as this many observed speculative steps
 # The observed / predicted acceptance is taken at most this high: HumanEval ran at 1.06-1.14x the pooled profile's
 # tokens per step on the AMD host (MT-bench 0.68-0.84x), and a batch size whose prediction falls short of the margin
-# even so is never probed.
-BEST_CASE = 1.5
+# even so is never probed. 1.5 let batch 2 probe there (sequential predicted 0.71x ar with the C row-wise ops; 0.57-
+# 0.79x measured), and its probes cost 3-8% in the sweep at fcc3edb (flex 0.92 / 0.97x ar greedy): never probing, flex
+# runs ar's own loop.
+BEST_CASE = 1.3
 # ar steps before a speculative step probes acceptance again, doubling while probes disappoint, up to a cap. A wasted
 # probe costs a fraction of one speculative step, so at the cap probing costs a few percent. Where the prediction is a
 # close call (within CLOSE_CALL of the margin at the predicted acceptance), whether speculation pays turns on the

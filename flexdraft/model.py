@@ -19,7 +19,7 @@ from flexdraft.config import ModelConfig, rope_frequencies
 from flexdraft.errors import FlexDraftError
 from kernels.block_attention import block_attention, step_arguments
 from kernels.cpu_matmul import linear
-from kernels.cpu_rowwise import add_rms_norm, rms_norm, rope, write_cache
+from kernels.cpu_rowwise import add_rms_norm, rms_norm, rope, write_kv
 
 
 class KVCache:
@@ -41,8 +41,7 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: [B, T, Hkv, D] at positions [B, T]."""
-        write_cache(self.k[layer], k, positions)
-        write_cache(self.v[layer], v, positions)
+        write_kv(self.k[layer], self.v[layer], k, v, positions)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop finished sequences from the batch (one copy per finish event, not per step)."""

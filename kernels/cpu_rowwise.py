@@ -16,7 +16,7 @@ The ops run where their inputs are fp32 on the CPU with nothing for autograd to 
 available (its switch, $FLEXDRAFT_CPU_MATMUL=0, turns these off too); elsewhere (training, CUDA, bf16) the torch
 references run.
 
-Module / reference / test / benchmark: ``rms_norm``, ``add_rms_norm``, ``rope``, ``write_cache`` here, each with its
+Module / reference / test / benchmark: ``rms_norm``, ``add_rms_norm``, ``rope``, ``write_kv`` here, each with its
 ``*_reference`` beside it; tests/test_kernel_cpu_rowwise.py; tests/bench_kernels.py.
 """
 from __future__ import annotations
@@ -81,17 +81,24 @@ void rope_f32(const float *x, int64_t R, int64_t heads, int64_t H, int64_t D, co
         }
 }
 
-/* cache [B, H, S, D] at [b, :, slots[b, t]] = src [b, t] (H x D contiguous, rows at b * stride_b + t * stride_t);
-   returns -1, writing nothing, where a slot lies outside 0..S-1 */
-int write_cache_f32(float *cache, int64_t H, int64_t S, int64_t D, const float *src, int64_t B, int64_t T,
-                    int64_t stride_b, int64_t stride_t, const int64_t *slots) {
-    for (int64_t i = 0; i < B * T; i++)
-        if (slots[i] < 0 || slots[i] >= S) return -1;
+/* one cache [B, H, S, D] at [b, :, slots[b, t]] = src [b, t] (H x D contiguous, rows at b * stride_b + t * stride_t) */
+static void write_rows(float *cache, int64_t H, int64_t S, int64_t D, const float *src, int64_t B, int64_t T,
+                       int64_t stride_b, int64_t stride_t, const int64_t *slots) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++)
             for (int64_t h = 0; h < H; h++)
                 memcpy(cache + ((b * H + h) * S + slots[b * T + t]) * D, src + b * stride_b + t * stride_t + h * D,
                        D * sizeof(float));
+}
+
+/* k and v into their caches at the same slots; returns -1, writing nothing, where a slot lies outside 0..S-1 */
+int write_kv_f32(float *k_cache, float *v_cache, int64_t H, int64_t S, int64_t D, const float *k, const float *v,
+                 int64_t B, int64_t T, int64_t k_stride_b, int64_t k_stride_t, int64_t v_stride_b, int64_t v_stride_t,
+                 const int64_t *slots) {
+    for (int64_t i = 0; i < B * T; i++)
+        if (slots[i] < 0 || slots[i] >= S) return -1;
+    write_rows(k_cache, H, S, D, k, B, T, k_stride_b, k_stride_t, slots);
+    write_rows(v_cache, H, S, D, v, B, T, v_stride_b, v_stride_t, slots);
     return 0;
 }
 """
@@ -102,7 +109,7 @@ SIGNATURES = {
     "rms_norm_f32": ([_P, _I64, _I64, _P, _F32, _P], None),
     "add_rms_norm_f32": ([_P, _P, _I64, _I64, _P, _F32, _P, _P], None),
     "rope_f32": ([_P, _I64, _I64, _I64, _I64, _P, _P, _P], None),
-    "write_cache_f32": ([_P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P], ctypes.c_int),
+    "write_kv_f32": ([_P, _P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P], ctypes.c_int),
 }
 
 
@@ -187,21 +194,26 @@ def rope(heads: torch.Tensor, count: int, cos: torch.Tensor, signed_sin: torch.T
 
 
 # ---- the KV-cache write --------------------------------------------------------------------------------------------
-def write_cache_reference(cache: torch.Tensor, src: torch.Tensor, slots: torch.Tensor) -> None:
-    """cache [B, H, S, D] at [b, :, slots[b, t]] = src [B, T, H, D]."""
-    rows = torch.arange(src.shape[0], device=src.device)[:, None]
-    cache[rows, :, slots] = src.to(cache.dtype)   # autocast may hand bf16 to an fp32 cache
+def write_kv_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slots: torch.Tensor) -> None:
+    """caches [B, H, S, D] at [b, :, slots[b, t]] = k, v [B, T, H, D]."""
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    k_cache[rows, :, slots] = k.to(k_cache.dtype)   # autocast may hand bf16 to an fp32 cache
+    v_cache[rows, :, slots] = v.to(v_cache.dtype)
 
 
-def write_cache(cache: torch.Tensor, src: torch.Tensor, slots: torch.Tensor) -> None:
-    """``write_cache_reference`` as copies; src may be a view whose heads are contiguous (k and v sliced from the
-    projected heads), so nothing is copied twice. A slot outside the cache raises IndexError."""
-    B, T, H, D = src.shape
-    if not (takes_c_path(cache, src) and cache.is_contiguous() and cache.shape[0] == B and cache.shape[1] == H
-            and cache.shape[3] == D and src.stride(3) == 1 and src.stride(2) == D and slots.shape == (B, T)
-            and slots.dtype == torch.int64 and slots.device.type == "cpu"):
-        return write_cache_reference(cache, src, slots)
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """``write_kv_reference`` as copies, one call for both; k and v may be views whose heads are contiguous (sliced
+    from the projected heads), so nothing is copied twice. A slot outside the cache raises IndexError."""
+    B, T, H, D = k.shape
+    if not (takes_c_path(k_cache, v_cache, k, v) and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.shape == v_cache.shape == (B, H, k_cache.shape[2], D) and v.shape == k.shape
+            and k.stride()[2:] == v.stride()[2:] == (D, 1) and slots.shape == (B, T) and slots.dtype == torch.int64
+            and slots.is_cpu):
+        return write_kv_reference(k_cache, v_cache, k, v, slots)
     slots = slots.contiguous()
-    if _library().write_cache_f32(cache.data_ptr(), H, cache.shape[2], D, src.data_ptr(), B, T, src.stride(0),
-                                  src.stride(1), slots.data_ptr()) != 0:
-        raise IndexError(f"a cache slot outside 0..{cache.shape[2] - 1}: {slots.tolist()}")
+    if _library().write_kv_f32(k_cache.data_ptr(), v_cache.data_ptr(), H, k_cache.shape[2], D, k.data_ptr(),
+                               v.data_ptr(), B, T, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                               slots.data_ptr()) != 0:
+        raise IndexError(f"a cache slot outside 0..{k_cache.shape[2] - 1}: {slots.tolist()}")

@@ -168,14 +168,15 @@ def rowwise_case(op: str, rows: int):
     if op == "rope":
         return ((lambda: cpu_rowwise.rope(heads, 12, cos, sin)),
                 (lambda: cpu_rowwise.rope_reference(heads, 12, cos, sin)))
-    cache, slots = torch.zeros(1, 3, 1024, 64), torch.arange(300, 300 + rows)[None]
-    return ((lambda: cpu_rowwise.write_cache(cache, heads[:, :, 12:], slots)),
-            (lambda: cpu_rowwise.write_cache_reference(cache, heads[:, :, 12:], slots)))
+    caches, slots = torch.zeros(2, 1, 3, 1024, 64), torch.arange(300, 300 + rows)[None]
+    k, v = heads[:, :, 9:12], heads[:, :, 12:]
+    return ((lambda: cpu_rowwise.write_kv(caches[0], caches[1], k, v, slots)),
+            (lambda: cpu_rowwise.write_kv_reference(caches[0], caches[1], k, v, slots)))
 
 
 @pytest.mark.skipif(not cpu_matmul.available(), reason=f"CPU kernels: {cpu_matmul.why_unavailable()}")
 @pytest.mark.parametrize("provider", ["c", "torch"])
-@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "rope", "write_cache"])
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "rope", "write_kv"])
 @pytest.mark.parametrize("rows", [1, 9])
 def bench_cpu_rowwise(benchmark, provider, op, rows):
     """One call of each op at decode row counts (1 row, a 9-token verify tree); the references are the torch ops

@@ -63,31 +63,31 @@ def test_rope_gives_the_references_bits(b, t, d, count):
 
 @needs_kernel
 @pytest.mark.parametrize("b,t,h,d", [(1, 1, 3, 64), (3, 5, 2, 8), (2, 9, 1, 16)])
-def test_write_cache_writes_what_the_reference_writes_and_nothing_else(b, t, h, d):
+def test_write_kv_writes_what_the_reference_writes_and_nothing_else(b, t, h, d):
     """k and v are views into the projected heads (strided rows, contiguous heads), slots ragged per sequence; the
-    cache is filled with a sentinel first, so a stray write or a missed one shows."""
+    caches are filled with a sentinel first, so a stray write or a missed one shows."""
     gen = seeded(b + t + h + d)
     heads = torch.randn(b, t, 3 * h, d, generator=gen)
-    src = heads[:, :, h:2 * h]
+    k, v = heads[:, :, h:2 * h], heads[:, :, 2 * h:]
     slots = torch.stack([torch.randperm(24, generator=gen)[:t] for _ in range(b)])
-    cache, expected = torch.full((b, h, 24, d), -3.0), torch.full((b, h, 24, d), -3.0)
-    cpu_rowwise.write_cache(cache, src, slots)
-    cpu_rowwise.write_cache_reference(expected, src, slots)
-    assert torch.equal(cache, expected)
-    layered = torch.full((4, b, h, 24, d), -3.0)      # the model's cache: one layer of [layers, B, H, S, D]
-    cpu_rowwise.write_cache(layered[2], src, slots)
-    assert torch.equal(layered[2], expected) and bool((layered[[0, 1, 3]] == -3.0).all())
+    caches, expected = torch.full((2, b, h, 24, d), -3.0), torch.full((2, b, h, 24, d), -3.0)
+    cpu_rowwise.write_kv(caches[0], caches[1], k, v, slots)
+    cpu_rowwise.write_kv_reference(expected[0], expected[1], k, v, slots)
+    assert torch.equal(caches, expected)
+    layered = torch.full((2, 4, b, h, 24, d), -3.0)   # the model's caches: one layer of [layers, B, H, S, D] each
+    cpu_rowwise.write_kv(layered[0, 2], layered[1, 2], k, v, slots)
+    assert torch.equal(layered[:, 2], expected) and bool((layered[:, [0, 1, 3]] == -3.0).all())
 
 
 @needs_kernel
 def test_a_cache_slot_outside_the_cache_raises_and_writes_nothing():
-    cache = torch.zeros(1, 2, 8, 16)
-    src = torch.randn(1, 2, 2, 16)
+    caches = torch.zeros(2, 1, 2, 8, 16)
+    k, v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16)
     with pytest.raises(IndexError, match="outside 0..7"):
-        cpu_rowwise.write_cache(cache, src, torch.tensor([[3, 8]]))
+        cpu_rowwise.write_kv(caches[0], caches[1], k, v, torch.tensor([[3, 8]]))
     with pytest.raises(IndexError):
-        cpu_rowwise.write_cache(cache, src, torch.tensor([[-1, 2]]))
-    assert bool((cache == 0).all())
+        cpu_rowwise.write_kv(caches[0], caches[1], k, v, torch.tensor([[-1, 2]]))
+    assert bool((caches == 0).all())
 
 
 def test_training_and_other_dtypes_take_the_references(monkeypatch):

@@ -104,6 +104,7 @@ int write_kv_f32(float *k_cache, float *v_cache, int64_t H, int64_t S, int64_t D
 """
 
 _LIB: ctypes.CDLL | None = None
+_WHY_NOT: str | None = None   # why this library could not be built, once it could not
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "rms_norm_f32": ([_P, _I64, _I64, _P, _F32, _P], None),
@@ -128,9 +129,23 @@ def _library() -> ctypes.CDLL:
     return _LIB
 
 
+def available() -> bool:
+    """Whether the C ops run here: where the packed matmul does (x86-64, a C compiler, $FLEXDRAFT_CPU_MATMUL) and this
+    library built (a failed build is remembered, and the references run)."""
+    global _WHY_NOT
+    if not cpu_matmul.available():
+        return False
+    if _LIB is None and _WHY_NOT is None:
+        try:
+            _library()
+        except (RuntimeError, OSError) as exc:
+            _WHY_NOT = str(exc)
+    return _LIB is not None
+
+
 def takes_c_path(*tensors: torch.Tensor) -> bool:
     """Whether these tensors may go through the C ops: fp32 on the CPU, outside autocast, nothing for autograd."""
-    if torch.is_autocast_enabled("cpu") or not cpu_matmul.available():
+    if torch.is_autocast_enabled("cpu") or not available():
         return False
     tracked = torch.is_grad_enabled()
     for t in tensors:   # a loop, not all(...): this runs ~150 times a decode step

@@ -107,3 +107,18 @@ def test_training_and_other_dtypes_take_the_references(monkeypatch):
     assert not cpu_rowwise.takes_c_path(x.detach(), w)
     torch.testing.assert_close(cpu_rowwise.rms_norm(x.detach(), w, 1e-5),
                                cpu_rowwise.rms_norm_reference(x.detach(), w, 1e-5))
+
+
+def test_a_failed_build_leaves_the_references_running(monkeypatch):
+    """A compiler that fails on this library (not on the packed matmul's) is remembered, and the model's ops go to
+    torch rather than raising mid-forward."""
+    def broken(*_args):
+        raise RuntimeError("cc failed: test")
+    monkeypatch.setattr(cpu_rowwise, "_LIB", None)
+    monkeypatch.setattr(cpu_rowwise, "_WHY_NOT", None)
+    monkeypatch.setattr(cpu_rowwise, "compile_library", broken)
+    x, w = torch.randn(2, 32), torch.randn(32)
+    assert not cpu_rowwise.takes_c_path(x, w)
+    if cpu_matmul.available():
+        assert cpu_rowwise._WHY_NOT == "cc failed: test"
+    torch.testing.assert_close(cpu_rowwise.rms_norm(x, w, 1e-5), cpu_rowwise.rms_norm_reference(x, w, 1e-5))

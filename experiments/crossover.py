@@ -397,8 +397,8 @@ BEST_CASE = 1.3
 # workload, and a high cap lets a call whose first answers accept little miss the later ones that pay: AMD host, batch
 # 1 (sequential predicted 1.045x ar), replayed over 32 + 32 prompts (experiments/replay.py on
 # reports/cpu-amd-epyc-avx512/replay-oracle.json), a cap of 64 left HumanEval's 8 bench prompts at 0.86x the best
-# mode (6 probes in 244 steps), 16 at 1.02x (all 32: 0.96x -> 1.01x), MT-bench 1.00x either way. Elsewhere (batch 2:
-# 0.77x predicted) probes rarely pay and cost more: the high cap.
+# mode (6 probes in 244 steps), 16 at 1.02x (all 32: 0.96x -> 1.01x), MT-bench 1.00x either way. Elsewhere (batch 2
+# then: 0.77x predicted) probes rarely pay and cost more: the high cap.
 PROBE_GAP, MAX_PROBE_GAP, CLOSE_CALL_MAX_PROBE_GAP = 4, 64, 16
 CLOSE_CALL = 1.1
 # Overriding the store's ar takes evidence: the scale's lower bound, this many standard errors below its mean, must

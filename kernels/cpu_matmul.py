@@ -481,14 +481,16 @@ def chosen_isa() -> Isa:
     return ISAS[runnable[0]]
 
 
-def _build(isa: Isa) -> ctypes.CDLL:
+def _build(isa: Isa) -> tuple[ctypes.CDLL, dict]:
+    """The compiled variant and its C functions, one per weight format."""
     lib = compile_library(f"cpu_matmul-{isa.name}", source(isa), [*CFLAGS, *isa.cflags])
+    runners = {}
     for weights in WEIGHT_C_TYPES:
-        fn = getattr(lib, f"few_rows_matmul_{weights}")
+        fn = runners[weights] = getattr(lib, f"few_rows_matmul_{weights}")
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int]
         fn.restype = None
-    return lib
+    return lib, runners
 
 
 _LIBS: dict[str, ctypes.CDLL] = {}
@@ -498,9 +500,7 @@ _RUNNERS: dict[str, dict] = {}   # per variant: weight format -> its C function
 def library(isa: Isa) -> ctypes.CDLL:
     """The compiled variant for ``isa`` (built on first use, then cached on disk and in the process)."""
     if isa.name not in _LIBS:
-        _LIBS[isa.name] = _build(isa)
-        _RUNNERS[isa.name] = {weights: getattr(_LIBS[isa.name], f"few_rows_matmul_{weights}")
-                              for weights in WEIGHT_C_TYPES}
+        _LIBS[isa.name], _RUNNERS[isa.name] = _build(isa)
     return _LIBS[isa.name]
 
 

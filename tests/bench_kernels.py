@@ -152,7 +152,6 @@ def bench_cpu_matmul(benchmark, provider, k, n, rows):
     benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=2)
 
 
-
 # ---- a decode step's small row-wise ops (compiled C, as the products) ---------------------------------------------
 def rowwise_case(op: str, rows: int):
     """(C op, its reference) on SmolLM2-135M's widths: hidden 576, 9 q + 3 kv heads of 64, a 1024-slot cache."""
@@ -186,6 +185,7 @@ def bench_cpu_rowwise(benchmark, provider, op, rows):
     benchmark.group = f"cpu_rowwise {op} rows {rows}"
     fn()
     benchmark.pedantic(fn, rounds=200, iterations=10, warmup_rounds=5)
+
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "--benchmark-only", "-o", "python_functions=bench_*", *sys.argv[1:]]))

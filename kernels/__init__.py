@@ -4,10 +4,11 @@ Every module has the same shape: ``<name>_reference`` (torch, the oracle and the
 ``<name>_triton`` (the launch wrapper of the Triton kernel, same signature), and ``<name>`` (dispatch on the active
 backend, see ``kernels.backend``).
 
-On a CPU, two modules hold C kernels instead (generated, compiled on first use by ``kernels.cpu_build``), each op
-``<name>`` (dispatch: the C kernel where its inputs allow, else the reference) beside its ``<name>_reference``:
-``cpu_matmul`` (few-row products on packed weights) and ``cpu_rowwise`` (a decode step's RMSNorm, RoPE and KV-cache
-write).
+On a CPU, three modules hold C kernels instead (generated, compiled on first use by ``kernels.cpu_build``), each op
+``<name>`` (dispatch: the C kernel where its inputs allow, else the reference) beside its reference:
+``cpu_matmul`` (few-row products on packed weights), ``cpu_rowwise`` (a decode step's RMSNorm, RoPE and KV-cache
+write) and ``cpu_attention`` (a decode step's block attention, which ``block_attention`` dispatches to on the torch
+backend).
 
 Without CUDA the only way to run a Triton kernel is the interpreter, and triton reads TRITON_INTERPRET when it
 decorates a function: its own ``tl.max``/``tl.sum`` helpers when ``triton`` is first imported, ours when these modules

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from autotune.store import config_key, lookup
+from kernels import backend, cpu_attention
 from kernels.backend import check_device, sm_count
 
 
@@ -363,20 +364,21 @@ def block_attention_triton(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
 
 
 def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1,
-                   tree: torch.Tensor | None = None) -> dict:
+                   tree: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """``block_attention``'s keyword arguments that every layer of a step shares, built once per step.
 
     ``kv_limit`` [B, T] covers the step's clean tokens and then its masks (groups of ``group_size``); ``tree`` [B, T]
     (a tree step) their ancestor bitmasks. The reference also gets its extent and visibility mask ready-made: built
     per layer they cost ~0.1 ms a layer on a CPU, more than the attention itself at batch 1. The Triton kernel needs
-    neither (and so no host sync).
+    neither (and so no host sync), the CPU's C kernel (``kernels.cpu_attention``, for a decode step of ``dtype``
+    fp32) only the extent.
     """
-    from kernels import backend
-
     args = {"kv_limit": kv_limit, "num_clean": num_clean, "group_size": group_size, "tree": tree}
     if backend.use_triton():
         return args
     kv_extent = int(kv_limit.max()) + 1
+    if cpu_attention.serves_step(kv_limit, dtype):   # the C kernel reads the limits, not a mask
+        return {**args, "kv_extent": kv_extent}
     num_masks = kv_limit.shape[1] - num_clean
     return {**args, "kv_extent": kv_extent,
             "allowed": visibility(kv_limit, kv_extent, num_clean, num_masks, group_size, tree)}
@@ -390,9 +392,15 @@ def tree_bits(ancestors: torch.Tensor) -> torch.Tensor:
     return (ancestors.to(torch.int64) << torch.arange(T, device=ancestors.device)).sum(dim=-1)
 
 
-def block_attention(*args, **kwargs):
-    """Dispatch to the active backend (see ``kernels.backend``)."""
-    from kernels import backend
+def block_attention(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=None, *, num_clean: int, group_size: int = 1,
+                    scale: float | None = None, kv_extent: int | None = None, allowed: torch.Tensor | None = None,
+                    tree: torch.Tensor | None = None):
+    """Dispatch to the active backend (see ``kernels.backend``); on the torch backend a CPU decode step in fp32 runs
+    in C (``kernels.cpu_attention``), anything else in the reference."""
+    args = (q, k_cache, v_cache, kv_limit, k_mask, v_mask)
+    step = {"num_clean": num_clean, "group_size": group_size, "scale": scale, "kv_extent": kv_extent, "tree": tree}
     if backend.use_triton():
-        return block_attention_triton(*args, **kwargs)
-    return block_attention_reference(*args, **kwargs)
+        return block_attention_triton(*args, **step)
+    if cpu_attention.takes_c_path(q, k_cache, v_cache, kv_limit, k_mask, v_mask, tree):
+        return cpu_attention.block_attention(*args, **step)
+    return block_attention_reference(*args, **step, allowed=allowed)

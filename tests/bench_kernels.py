@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # kernel_utils,
 from kernel_utils import DEVICE, ON_GPU, gguf_weight  # noqa: E402
 
 from autotune.spaces import MODELS, attention_inputs, draft_head_inputs, verify_inputs  # noqa: E402
-from kernels import cpu_matmul, cpu_rowwise  # noqa: E402
-from kernels.block_attention import block_attention_reference, block_attention_triton  # noqa: E402
+from kernels import cpu_attention, cpu_matmul, cpu_rowwise  # noqa: E402
+from kernels.block_attention import (block_attention_reference, block_attention_triton,  # noqa: E402
+                                     visibility)
 from kernels.draft_head import draft_head_reference, draft_head_triton  # noqa: E402
 from kernels.verify import (verify_greedy_reference, verify_greedy_triton, verify_sampling_reference,  # noqa: E402
                             verify_sampling_triton)
@@ -184,6 +185,30 @@ def bench_cpu_rowwise(benchmark, provider, op, rows):
     fn = fast if provider == "c" else reference
     benchmark.group = f"cpu_rowwise {op} rows {rows}"
     fn()
+    benchmark.pedantic(fn, rounds=200, iterations=10, warmup_rounds=5)
+
+
+# ---- a decode step's attention on a CPU (compiled C) ------------------------------------------------------------------
+@pytest.mark.skipif(not cpu_matmul.available(), reason=f"CPU kernels: {cpu_matmul.why_unavailable()}")
+@pytest.mark.parametrize("provider", ["c", "torch"])
+@pytest.mark.parametrize("mode,drafts", [("decode", 0), ("tree", 8), ("parallel", 3)])
+def bench_cpu_attention(benchmark, provider, mode, drafts):
+    """SmolLM2-135M's heads (9 q, 3 kv, 64), ~300 cached tokens, batch 1: one row, a 9-node verify tree, a
+    parallel step's 4 tokens and 4 mask groups of 4. The reference gets its visibility mask ready-made, as a step
+    builds it once for all layers."""
+    m = MODELS["smollm2-135m"]
+    x = attention_inputs(1, mode, head_dim=m["head_dim"], heads=m["heads"], kv_heads=m["kv_heads"], cache_len=300,
+                         dtype=torch.float32, device="cpu", drafts=drafts, group_size=4)
+    assert cpu_attention.takes_c_path(x["q"], x["k_cache"], x["v_cache"], x["kv_limit"], x["k_mask"], x["v_mask"],
+                                      x.get("tree"))
+    if provider == "c":
+        fn = lambda: cpu_attention.block_attention(**x)   # noqa: E731
+    else:
+        extent, masks = int(x["kv_limit"].max()) + 1, 0 if x["k_mask"] is None else x["k_mask"].shape[1]
+        allowed = visibility(x["kv_limit"], extent, x["num_clean"], masks, x["group_size"], x.get("tree"))
+        fn = lambda: block_attention_reference(**x, kv_extent=extent, allowed=allowed)   # noqa: E731
+    torch.testing.assert_close(fn(), block_attention_reference(**x), rtol=1e-5, atol=1e-5)
+    benchmark.group = f"cpu_attention smollm2-135m {mode} b1"
     benchmark.pedantic(fn, rounds=200, iterations=10, warmup_rounds=5)
 
 

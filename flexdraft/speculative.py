@@ -396,6 +396,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
     stats.row_forwards += batch.size
     stats.accept_histogram[1] += batch.size
     out, gained = bonus[:, None], torch.ones_like(bonus)
+    previous_mode = first_mode
     while True:
         stay = batch.append(out, gained)
         if stay is not None:
@@ -406,7 +407,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
             streams.keep(stay)
             bonus, drafts = bonus[stay], (None if drafts is None else drafts.keep(stay))
         step_mode, threshold = step_choice(choose_mode, batch.size)
-        num_drafts = None
+        num_drafts, chain_only = None, False
         if step_mode != "ar":
             copy_len = most_drafts if batch.size <= spec.long_copy_batch else block - 1
             copies, found = lookup.propose(batch, copy_len) if lookup is not None else (None, None)
@@ -422,10 +423,17 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
                 # for every acceptance length would be thrown away. Verify alone; where no copy follows, the next
                 # step opens with the draft pass.
                 step_mode = "sequential"
+            elif step_mode == "parallel" and previous_mode == "ar":
+                # Flex's first speculative step after ar steps (a probe, or a switch) verifies its chain alone: its
+                # drafts came from a draft pass anyway, and mask groups would draft for a next step that a probe
+                # which does not pay never takes (at batch 1 here they cost ~13 ms, an ar step). The chain is the
+                # one a parallel step would verify, so the acceptance flex observes is parallel's.
+                step_mode, chain_only = "sequential", True
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
         step = STEPS[step_mode]
-        if verifies_trees(step_mode, spec) and drafts.top is not None and batch.size <= spec.tree_batch:
+        if (verifies_trees(step_mode, spec) and drafts.top is not None and batch.size <= spec.tree_batch
+                and not chain_only):
             # The tree's paths reach as deep as the chain would verify, and a copy as far as it runs (within the
             # slots a tree step holds).
             step, num_drafts = TREE_STEPS[step_mode], build_tree(
@@ -440,6 +448,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
         if trace is not None:
             trace[-1]["accept_len"] = accept_len.cpu()
         stats.mode_steps[step_mode] = stats.mode_steps.get(step_mode, 0) + 1
+        previous_mode = step_mode
         gained = accept_len + 1
         if observe is not None:
             observe(step_mode, batch.size, float(gained.float().mean()))

@@ -332,6 +332,31 @@ def test_flex_by_batch_size_is_lossless_as_the_batch_shrinks(tiny, batch_size):
         assert len(stats.mode_steps) >= 3       # sequential, ar and parallel all ran while the batch shrank
 
 
+def test_a_parallel_step_right_after_ar_steps_verifies_its_chain_alone(tiny, monkeypatch):
+    """Flex's first speculative step after ar steps (a probe, or a switch) runs as a sequential chain: no mask groups
+    (they draft for a next step a probe may not take) and no tree (the acceptance observed is the chain's a parallel
+    step verifies). Parallel steps after it run parallel, a chosen sequential step still verifies a tree, and greedy
+    output equals ar's."""
+    import flexdraft.speculative as speculative
+
+    model, drafter = tiny
+    trace, trees = [], []
+    tree_step = speculative.TREE_STEPS["sequential"]
+    monkeypatch.setitem(speculative.TREE_STEPS, "sequential",
+                        lambda *a, **k: trees.append(len(trace) - 1) or tree_step(*a, **k))
+    # the first choice is the prefill's: ar, so it drafts nothing
+    script = iter(["ar", "ar", "parallel", "parallel", "ar", "parallel", "sequential", "parallel"] + ["ar"] * 40)
+    prompts = random_prompts(model.config.vocab_size, [7], seed=5)
+    expected, _ = generate_ar(model, prompts, 24, SamplingParams(), [[-1]], torch.arange(1))
+    got, _ = generate_speculative(model, drafter, prompts, 24, SamplingParams(), [[-1]], torch.arange(1),
+                                  lambda batch_size: next(script), SpecConfig(verify_threshold=0.0, lookup=False),
+                                  trace=trace)
+    assert got.results() == expected.results()
+    assert [step["mode"] for step in trace[:7]] == ["ar", "sequential", "parallel", "ar", "sequential", "sequential",
+                                                    "parallel"]
+    assert trees == [5]
+
+
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.95)],
                          ids=["greedy", "sampled"])
 def test_flex_that_learns_from_acceptance_hears_every_step_and_stays_lossless(tiny, params):

@@ -187,7 +187,8 @@ class Transformer(nn.Module):
         # What every layer of the step shares is built once here: RoPE tables, attention limits, the visibility.
         cos, sin = self.rope(positions) if num_clean else (None, None)
         clean_limits, clean_tree = (positions, None) if tree is None else tree
-        clean_step = step_arguments(clean_limits, num_clean, tree=clean_tree, dtype=self.dtype) if num_clean else None
+        shape = {"dtype": self.dtype, "head_dim": self.config.head_dim}
+        clean_step = step_arguments(clean_limits, num_clean, tree=clean_tree, **shape) if num_clean else None
         if masks is not None:   # the tuned layers' queries: the clean tokens, then the masks
             cos_tuned, sin_tuned = self.rope(masks.positions)
             tuned_limits, tuned_tree = masks.anchors, masks.tree
@@ -195,7 +196,7 @@ class Transformer(nn.Module):
                 cos_tuned, sin_tuned = torch.cat([cos, cos_tuned], dim=1), torch.cat([sin, sin_tuned], dim=1)
                 tuned_limits = torch.cat([clean_limits, tuned_limits], dim=1)
                 tuned_tree = None if clean_tree is None else torch.cat([clean_tree, masks.tree], dim=1)
-            tuned_step = step_arguments(tuned_limits, num_clean, masks.group_size, tuned_tree, self.dtype)
+            tuned_step = step_arguments(tuned_limits, num_clean, masks.group_size, tuned_tree, **shape)
         for index in range(first, len(self.layers) if stop_layer is None else stop_layer):
             layer = self.layers[index]
             if masks is not None and index == drafter.split_layer:

@@ -363,21 +363,21 @@ def block_attention_triton(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=No
                                   group_size=group_size, scale=scale, kv_extent=kv_extent, tree=tree)
 
 
-def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1,
-                   tree: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> dict:
+def step_arguments(kv_limit: torch.Tensor, num_clean: int, group_size: int = 1, tree: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.float32, head_dim: int | None = None) -> dict:
     """``block_attention``'s keyword arguments that every layer of a step shares, built once per step.
 
     ``kv_limit`` [B, T] covers the step's clean tokens and then its masks (groups of ``group_size``); ``tree`` [B, T]
     (a tree step) their ancestor bitmasks. The reference also gets its extent and visibility mask ready-made: built
     per layer they cost ~0.1 ms a layer on a CPU, more than the attention itself at batch 1. The Triton kernel needs
     neither (and so no host sync), the CPU's C kernel (``kernels.cpu_attention``, for a decode step of ``dtype``
-    fp32) only the extent.
+    fp32 and heads of ``head_dim``) only the extent.
     """
     args = {"kv_limit": kv_limit, "num_clean": num_clean, "group_size": group_size, "tree": tree}
     if backend.use_triton():
         return args
     kv_extent = int(kv_limit.max()) + 1
-    if cpu_attention.serves_step(kv_limit, dtype):   # the C kernel reads the limits, not a mask
+    if head_dim is not None and cpu_attention.serves_step(kv_limit, dtype, head_dim):   # it reads limits, not a mask
         return {**args, "kv_extent": kv_extent}
     num_masks = kv_limit.shape[1] - num_clean
     return {**args, "kv_extent": kv_extent,

@@ -16,8 +16,9 @@ gets exactly the numbers an autoregressive row gets (fp32 tolerance against the 
 another order).
 
 It runs where the inputs are fp32 on the CPU with nothing for autograd to track, the other CPU kernels run (their
-switch, $FLEXDRAFT_CPU_MATMUL=0, turns this off too) and a step has at most ``MAX_QUERIES`` query tokens a sequence
-(decode; a long prefill keeps SDPA, which tiles better): ``takes_c_path`` here, and ``serves_step``, which lets a
+switch, $FLEXDRAFT_CPU_MATMUL=0, turns this off too), heads are whole vectors (16 floats with AVX-512, 8 with AVX2)
+and a step has at most ``MAX_QUERIES`` query tokens a sequence (decode; a long prefill keeps SDPA, which tiles
+better): ``takes_c_path`` here, and ``serves_step``, which lets a
 step skip building the reference's visibility mask. Elsewhere (training, CUDA, bf16, prefill) the reference runs.
 
 Module / reference / test / benchmark: ``block_attention`` here, ``block_attention_reference`` in
@@ -352,18 +353,21 @@ def available() -> bool:
     return bool(_LIBS)
 
 
-def serves_step(kv_limit: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a step of ``dtype`` activations with these limits [B, T] will take the C kernel (decided before the
-    layers run, so that ``step_arguments`` skips the reference's visibility mask, which it would not read)."""
+def serves_step(kv_limit: torch.Tensor, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a step of ``dtype`` activations with these limits [B, T] and heads of ``head_dim`` will take the C
+    kernel (decided before the layers run, so that ``step_arguments`` skips the reference's visibility mask, which it
+    would not read)."""
     return (kv_limit.is_cpu and dtype is torch.float32 and kv_limit.shape[1] <= MAX_QUERIES
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and available())
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and available()
+            and head_dim % cpu_matmul.ISA.width == 0)
 
 
 def takes_c_path(q, k_cache, v_cache, kv_limit, k_mask, v_mask, tree) -> bool:
-    """Whether this call may run in C: fp32 CPU tensors with nothing for autograd, few query tokens, every head's
-    values contiguous, the caches alike, int64 limits."""
+    """Whether this call may run in C: fp32 CPU tensors with nothing for autograd, few query tokens, heads of whole
+    vectors (the kernel zero-pads the rest of other sizes, correctly but 2-4x slower than the reference: the tests'
+    tiny models), every head's values contiguous, the caches alike, int64 limits."""
     B, T, Hq, D = q.shape
-    if T > MAX_QUERIES or Hq % k_cache.shape[1] or not available():
+    if T > MAX_QUERIES or Hq % k_cache.shape[1] or not available() or D % cpu_matmul.ISA.width:
         return False
     tensors = (q, k_cache, v_cache) if k_mask is None else (q, k_cache, v_cache, k_mask, v_mask)
     if not cpu_rowwise.takes_c_path(*tensors) or any(t.stride(-1) != 1 for t in tensors):

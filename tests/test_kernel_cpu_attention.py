@@ -20,8 +20,6 @@ def on_cpu(step: dict) -> dict:
 
 
 def c_attention(step: dict, width: int | None = None) -> torch.Tensor:
-    assert cpu_attention.takes_c_path(step["q"], step["k_cache"], step["v_cache"], step["kv_limit"],
-                                      step["k_mask"], step["v_mask"], step.get("tree"))
     with poisoned_allocations():
         return cpu_attention.block_attention(**step, width=width)
 
@@ -97,9 +95,13 @@ def test_the_dispatcher_runs_c_for_fp32_decode_steps_only(monkeypatch):
     monkeypatch.setattr(cpu_attention, "block_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     step = on_cpu(make_step("parallel-3-groups", torch.float32, seed=5))
     shared = {key: step.pop(key) for key in ("kv_limit", "num_clean", "group_size")}
+    head_dim = step["q"].shape[-1]
+    assert cpu_attention.takes_c_path(step["q"], step["k_cache"], step["v_cache"], shared["kv_limit"],
+                                      step["k_mask"], step["v_mask"], None)
     with torch.no_grad():
-        args = attention.step_arguments(**shared)
-        assert "allowed" not in args and cpu_attention.serves_step(shared["kv_limit"], torch.float32)
+        args = attention.step_arguments(**shared, head_dim=head_dim)
+        assert "allowed" not in args and cpu_attention.serves_step(shared["kv_limit"], torch.float32, head_dim)
+        assert "allowed" in attention.step_arguments(**shared, head_dim=head_dim + 4)   # not whole vectors
         out = attention.block_attention(**step, **args)
     assert calls == [1]
     assert_close(out, attention.block_attention_reference(**step, **shared))
@@ -109,10 +111,12 @@ def test_the_dispatcher_runs_c_for_fp32_decode_steps_only(monkeypatch):
     tracked = q.detach().requires_grad_()
     assert not cpu_attention.takes_c_path(tracked, step["k_cache"], step["v_cache"], shared["kv_limit"],
                                           step["k_mask"], step["v_mask"], None)
-    assert "allowed" in attention.step_arguments(**shared)                      # gradients on: the reference's mask
+    assert "allowed" in attention.step_arguments(**shared, head_dim=head_dim)   # gradients on: the reference's mask
+    assert not cpu_attention.takes_c_path(q[..., :-4], step["k_cache"][..., :-4], step["v_cache"][..., :-4],
+                                          shared["kv_limit"], step["k_mask"][..., :-4], step["v_mask"][..., :-4], None)
     long = torch.zeros(1, cpu_attention.MAX_QUERIES + 1, dtype=torch.int64)
-    assert not cpu_attention.serves_step(long, torch.float32)
-    assert "allowed" in attention.step_arguments(shared["kv_limit"], 3, dtype=torch.bfloat16)
+    assert not cpu_attention.serves_step(long, torch.float32, head_dim)
+    assert "allowed" in attention.step_arguments(shared["kv_limit"], 3, dtype=torch.bfloat16, head_dim=head_dim)
 
 
 @needs_kernel
@@ -129,3 +133,33 @@ def test_a_failed_build_leaves_the_reference_running(monkeypatch):
     with torch.no_grad():
         out = attention.block_attention(**step)
     assert_close(out, attention.block_attention_reference(**step))
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_engine_on_heads_of_whole_vectors_takes_c_and_stays_lossless(monkeypatch, mode, batch_size):
+    """The tests' usual tiny model has heads of 8 floats, which keep the reference; one with heads of 16 runs its
+    decode steps (trees at batch 1, mask groups, ragged prompts, a row stopping early) through the C attention, and
+    greedy output still equals autoregressive decoding's."""
+    from helpers import random_prompts, tiny_target
+
+    from flexdraft.drafter import Drafter
+    from flexdraft.generate import generate_ar
+    from flexdraft.sampling import SamplingParams
+    from flexdraft.speculative import SpecConfig, generate_speculative
+
+    model, _ = tiny_target("llama", seed=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    assert model.config.head_dim == 16
+    drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=2)
+    calls = []
+    real = cpu_attention.block_attention
+    monkeypatch.setattr(cpu_attention, "block_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompts = random_prompts(model.config.vocab_size, [6, 11, 3][:batch_size], seed=batch_size)
+    free, _ = generate_ar(model, prompts, 16, SamplingParams(), [[-1]] * batch_size, torch.arange(batch_size))
+    stops = [[free.results()[0][0][4]]] + [[-1]] * (batch_size - 1)   # the first row stops early
+    expected, _ = generate_ar(model, prompts, 16, SamplingParams(), stops, torch.arange(batch_size))
+    got, _ = generate_speculative(model, drafter, prompts, 16, SamplingParams(), stops, torch.arange(batch_size),
+                                  mode, SpecConfig(verify_threshold=0.0))
+    assert got.results() == expected.results()
+    assert calls

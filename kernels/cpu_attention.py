@@ -4,8 +4,10 @@ cache up to each query's ``kv_limit``, a tree step's ancestors, a mask's own gro
 At batch 1 with the weights streamed by ``kernels.cpu_matmul``, attention through the reference took ~75 us a layer
 for one query row (SDPA ~42 us, the rest building the mask's inputs, concatenating the masks, transposing) and
 ~140-160 us for a speculative step's 9-20 rows: 14-15% of a step, in every mode. One C call walks each query's
-visible keys directly (tests/bench_kernels.py, SmolLM2-135M's heads, ~300 cached tokens, 2 threads: one row 20 us
-against 57 for the reference; a 9-node tree 94 against 159; a parallel step's 4 tokens and 16 masks 188 against 268).
+visible keys directly. SmolLM2-135M's heads, ~300 cached tokens, warm caches, 2 threads (the decode loop's): one row
+22 us against the reference's 55-70, a 9-node tree 98 against 119, a parallel step's 4 tokens and 16 masks 195-220
+against 345-355. On one thread (tests/bench_kernels.py, as the tests run) 26 / 141 / 300-415 against 57 / 163 /
+265-350: there SDPA's GEMMs win at 20 rows.
 
 Each query row (sequence, query token, query head) has its own list of visible keys: cache slots in order, then its
 group's masks. Its scores are dot products per key (partial sums across a vector, then a fixed tree); the softmax

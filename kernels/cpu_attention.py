@@ -84,8 +84,8 @@ typedef float vec_u __attribute__((vector_size(4 * W), aligned(4)));   /* an una
 typedef int32_t ivec __attribute__((vector_size(4 * W)));
 static const int LANE_KEY[W] = %(lane_keys)s;
 
-/* scores[0..W) = q . keys[0..W): each key's products summed lane-wise over D, then across
-   lanes in a fixed tree. All W accumulators stay in registers (fully unrolled); a block's missing keys point at zeros. */
+/* scores[0..W) = q . keys[0..W): each key's products summed lane-wise over D, then across lanes in a fixed tree.
+   All W accumulators stay in registers (fully unrolled); a block's missing keys point at zeros. */
 static void score_block(const float *q, const float *const *keys, int64_t D, float *scores) {
     vec acc[W];
     #pragma GCC unroll 16
@@ -97,9 +97,10 @@ static void score_block(const float *q, const float *const *keys, int64_t D, flo
         for (int k = 0; k < W; k++) acc[k] += qd * *(const vec_u *)(keys[k] + d);
     }
     if (d < D) {   /* a head size that is not whole vectors: the rest, zero-padded */
-        vec qd = {0}, kd = {0};
+        vec qd = {0};
         memcpy(&qd, q + d, (D - d) * sizeof(float));
         for (int k = 0; k < W; k++) {
+            vec kd = {0};
             memcpy(&kd, keys[k] + d, (D - d) * sizeof(float));
             acc[k] += qd * kd;
         }
@@ -146,9 +147,10 @@ static void accumulate_block(const float *p, const float *const *values, int cou
     }
     for (; d < D; d += W) {   /* what is left: a vector at a time, the last one zero-padded */
         const int64_t size = (D - d < W ? D - d : W) * sizeof(float);
-        vec a = {0}, v = {0};
+        vec a = {0};
         memcpy(&a, o + d, size);
         for (int i = 0; i < count; i++) {
+            vec v = {0};
             memcpy(&v, values[i] + d, size);
             a += ((vec){0} + p[i]) * v;
         }

@@ -184,7 +184,8 @@ class Transformer(nn.Module):
         else:
             first = drafter.split_layer if (num_clean == 0 and drafter is not None) else 0
             hidden = self.embed[tokens] if num_clean else None
-        # What every layer of the step shares is built once here: RoPE tables, attention limits, the visibility.
+        # What every layer of the step shares is built once here: RoPE tables, attention limits, and (where the
+        # reference attention runs) the visibility mask.
         cos, sin = self.rope(positions) if num_clean else (None, None)
         clean_limits, clean_tree = (positions, None) if tree is None else tree
         shape = {"dtype": self.dtype, "head_dim": self.config.head_dim}

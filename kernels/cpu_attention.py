@@ -33,7 +33,7 @@ import ctypes
 import torch
 
 from kernels import cpu_matmul, cpu_rowwise
-from kernels.cpu_build import compile_library
+from kernels.cpu_build import Library, compile_library
 
 MAX_QUERIES = 128   # query tokens per sequence in a step up to which the C kernel runs (decode; not a long prefill)
 
@@ -64,10 +64,10 @@ def source(width: int) -> str:
     reduce = []
     for depth, (low, high) in enumerate(levels):
         count = width >> (depth + 1)
-        src = "acc" if depth == 0 else f"r{depth}"
+        pair = f"{'acc' if depth == 0 else f'r{depth}'}[2 * i], {'acc' if depth == 0 else f'r{depth}'}[2 * i + 1]"
         reduce.append(f"    vec r{depth + 1}[{count}];\n    for (int i = 0; i < {count}; i++)\n"
-                      f"        r{depth + 1}[i] = __builtin_shuffle({src}[2 * i], {src}[2 * i + 1], (ivec){vector(low)})"
-                      f"\n                + __builtin_shuffle({src}[2 * i], {src}[2 * i + 1], (ivec){vector(high)});")
+                      f"        r{depth + 1}[i] = __builtin_shuffle({pair}, (ivec){vector(low)})\n"
+                      f"                + __builtin_shuffle({pair}, (ivec){vector(high)});")
     return SOURCE % {"width": width, "reduce": "\n".join(reduce), "final": f"r{len(levels)}[0]",
                      "lane_keys": vector(lane_keys)}
 
@@ -323,38 +323,33 @@ int block_attention_f32(const float *q, int64_t sq_b, int64_t sq_t, int64_t sq_h
 }
 """
 
-_LIBS: dict[int, ctypes.CDLL] = {}
-_WHY_NOT: str | None = None
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P,
              *[_I64] * 10, ctypes.c_float, _P, ctypes.c_int]
 WIDTH_CFLAGS = {16: ("-mavx512f", "-mfma"), 8: ("-mavx2", "-mfma")}   # the vector widths of cpu_matmul's ISAs
+LIBRARIES: dict[int, Library] = {}   # by vector width
 
 
-def _library(width: int | None = None) -> ctypes.CDLL:
+def _build(width: int) -> ctypes.CDLL:
+    # Contraction on (FMAs), unlike the matmul's rebuild: no other code's bits to reproduce here.
+    lib = compile_library(f"cpu_attention-{width}", source(width),
+                          [*cpu_matmul.CFLAGS, "-ffp-contract=fast", *WIDTH_CFLAGS[width], "-fno-math-errno"])
+    lib.block_attention_f32.argtypes, lib.block_attention_f32.restype = _ARGTYPES, ctypes.c_int
+    return lib
+
+
+def _library_for(width: int | None = None) -> Library:
     """The kernel for vectors of ``width`` floats (default: the packed matmul's ISA's), built on first use."""
     width = width or cpu_matmul.ISA.width
-    if width not in _LIBS:
-        # Contraction on (FMAs), unlike the matmul's rebuild: no other code's bits to reproduce here.
-        lib = compile_library(f"cpu_attention-{width}", source(width),
-                              [*cpu_matmul.CFLAGS, "-ffp-contract=fast", *WIDTH_CFLAGS[width], "-fno-math-errno"])
-        lib.block_attention_f32.argtypes, lib.block_attention_f32.restype = _ARGTYPES, ctypes.c_int
-        _LIBS[width] = lib
-    return _LIBS[width]
+    if width not in LIBRARIES:
+        LIBRARIES[width] = Library(lambda: _build(width))
+    return LIBRARIES[width]
 
 
 def available() -> bool:
-    """Whether the C attention runs here: where the other CPU kernels do, and this library built (a failed build
-    is remembered, and the reference runs)."""
-    global _WHY_NOT
-    if not cpu_rowwise.available():
-        return False
-    if not _LIBS and _WHY_NOT is None:
-        try:
-            _library()
-        except (RuntimeError, OSError) as exc:
-            _WHY_NOT = str(exc)
-    return bool(_LIBS)
+    """Whether the C attention runs here: where the other CPU kernels do, and this CPU's variant built (a failed
+    build is remembered, and the reference runs)."""
+    return cpu_rowwise.available() and _library_for().available()
 
 
 def serves_step(kv_limit: torch.Tensor, dtype: torch.dtype, head_dim: int) -> bool:
@@ -398,7 +393,7 @@ def block_attention(q, k_cache, v_cache, kv_limit, k_mask=None, v_mask=None, *, 
     tree = None if tree is None else tree.contiguous()
     out = torch.empty(B, T, Hq, D)
     masks = (k_mask, *k_mask.stride()[:3], v_mask, *v_mask.stride()[:3]) if num_masks else (q, 0, 0, 0, q, 0, 0, 0)
-    status = _library(width).block_attention_f32(
+    status = _library_for(width).get().block_attention_f32(
             q.data_ptr(), *q.stride()[:3], k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:2],
             masks[0].data_ptr(), *masks[1:4], masks[4].data_ptr(), *masks[5:8], kv_limit.data_ptr(),
             None if tree is None else tree.data_ptr(), B, T, Hq, Hkv, S, D, num_clean, num_masks,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_matmul
-from kernels.cpu_build import compile_library
+from kernels.cpu_build import Library, compile_library
 
 LANES = 16   # partial sums of an RMSNorm row: one AVX-512 register, two AVX2 ones
 
@@ -103,8 +103,6 @@ int write_kv_f32(float *k_cache, float *v_cache, int64_t H, int64_t S, int64_t D
 }
 """
 
-_LIB: ctypes.CDLL | None = None
-_WHY_NOT: str | None = None   # why this library could not be built, once it could not
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "rms_norm_f32": ([_P, _I64, _I64, _P, _F32, _P], None),
@@ -114,33 +112,25 @@ SIGNATURES = {
 }
 
 
-def _library() -> ctypes.CDLL:
-    global _LIB
-    if _LIB is None:
-        if not cpu_matmul.available():
-            raise RuntimeError(f"the CPU kernels are unavailable: {cpu_matmul.why_unavailable()}")
-        # -fno-math-errno: sqrtf is the instruction (no libm call); the same rounding.
-        lib = compile_library("cpu_rowwise", SOURCE % {"lanes": LANES},
-                              [*cpu_matmul.CFLAGS, *cpu_matmul.ISA.cflags, "-fno-math-errno"])
-        for name, (argtypes, restype) in SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, restype
-        _LIB = lib
-    return _LIB
+def _build() -> ctypes.CDLL:
+    if not cpu_matmul.available():
+        raise RuntimeError(f"the CPU kernels are unavailable: {cpu_matmul.why_unavailable()}")
+    # -fno-math-errno: sqrtf is the instruction (no libm call); the same rounding.
+    lib = compile_library("cpu_rowwise", SOURCE % {"lanes": LANES},
+                          [*cpu_matmul.CFLAGS, *cpu_matmul.ISA.cflags, "-fno-math-errno"])
+    for name, (argtypes, restype) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
+LIBRARY = Library(_build)
 
 
 def available() -> bool:
     """Whether the C ops run here: where the packed matmul does (x86-64, a C compiler, $FLEXDRAFT_CPU_MATMUL) and this
     library built (a failed build is remembered, and the references run)."""
-    global _WHY_NOT
-    if not cpu_matmul.available():
-        return False
-    if _LIB is None and _WHY_NOT is None:
-        try:
-            _library()
-        except (RuntimeError, OSError) as exc:
-            _WHY_NOT = str(exc)
-    return _LIB is not None
+    return cpu_matmul.available() and LIBRARY.available()
 
 
 def takes_c_path(*tensors: torch.Tensor) -> bool:
@@ -165,7 +155,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
-    _library().rms_norm_f32(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.data_ptr(), eps,
+    LIBRARY.get().rms_norm_f32(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.data_ptr(), eps,
                             out.data_ptr())
     return out
 
@@ -183,7 +173,7 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
         return add_rms_norm_reference(hidden, delta, weight, eps)
     hidden, delta, weight = hidden.contiguous(), delta.contiguous(), weight.contiguous()
     total, out = torch.empty_like(hidden), torch.empty_like(hidden)
-    _library().add_rms_norm_f32(hidden.data_ptr(), delta.data_ptr(), hidden.numel() // hidden.shape[-1],
+    LIBRARY.get().add_rms_norm_f32(hidden.data_ptr(), delta.data_ptr(), hidden.numel() // hidden.shape[-1],
                                 hidden.shape[-1], weight.data_ptr(), eps, total.data_ptr(), out.data_ptr())
     return total, out
 
@@ -204,7 +194,7 @@ def rope(heads: torch.Tensor, count: int, cos: torch.Tensor, signed_sin: torch.T
         return rope_reference(heads, count, cos, signed_sin)
     heads, cos, signed_sin = heads.contiguous(), cos.contiguous(), signed_sin.contiguous()
     out = torch.empty(B, T, count, D)
-    _library().rope_f32(heads.data_ptr(), B * T, H, count, D, cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr())
+    LIBRARY.get().rope_f32(heads.data_ptr(), B * T, H, count, D, cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr())
     return out
 
 
@@ -228,7 +218,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
             and slots.is_cpu):
         return write_kv_reference(k_cache, v_cache, k, v, slots)
     slots = slots.contiguous()
-    if _library().write_kv_f32(k_cache.data_ptr(), v_cache.data_ptr(), H, k_cache.shape[2], D, k.data_ptr(),
+    if LIBRARY.get().write_kv_f32(k_cache.data_ptr(), v_cache.data_ptr(), H, k_cache.shape[2], D, k.data_ptr(),
                                v.data_ptr(), B, T, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                slots.data_ptr()) != 0:
         raise IndexError(f"a cache slot outside 0..{k_cache.shape[2] - 1}: {slots.tolist()}")

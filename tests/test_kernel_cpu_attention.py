@@ -124,12 +124,12 @@ def test_a_failed_build_leaves_the_reference_running(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("cc failed: test")
 
-    monkeypatch.setattr(cpu_attention, "_LIBS", {})
-    monkeypatch.setattr(cpu_attention, "_WHY_NOT", None)
+    monkeypatch.setattr(cpu_attention, "LIBRARIES", {})
     monkeypatch.setattr(cpu_attention, "compile_library", broken)
     step = on_cpu(make_step("decode-gqa3", torch.float32, seed=6))
     assert not cpu_attention.takes_c_path(step["q"], step["k_cache"], step["v_cache"], step["kv_limit"], None, None,
                                           None)
+    assert cpu_attention.LIBRARIES[cpu_matmul.ISA.width].why_not == "cc failed: test"
     with torch.no_grad():
         out = attention.block_attention(**step)
     assert_close(out, attention.block_attention_reference(**step))

@@ -7,6 +7,7 @@ import torch
 from kernel_utils import poisoned_allocations, seeded
 
 from kernels import cpu_matmul, cpu_rowwise
+from kernels.cpu_build import Library
 
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason=f"the CPU kernels are unavailable here: "
                                   f"{cpu_matmul.why_unavailable()}")
@@ -114,11 +115,10 @@ def test_a_failed_build_leaves_the_references_running(monkeypatch):
     torch rather than raising mid-forward."""
     def broken(*_args):
         raise RuntimeError("cc failed: test")
-    monkeypatch.setattr(cpu_rowwise, "_LIB", None)
-    monkeypatch.setattr(cpu_rowwise, "_WHY_NOT", None)
+    monkeypatch.setattr(cpu_rowwise, "LIBRARY", Library(cpu_rowwise._build))
     monkeypatch.setattr(cpu_rowwise, "compile_library", broken)
     x, w = torch.randn(2, 32), torch.randn(32)
     assert not cpu_rowwise.takes_c_path(x, w)
     if cpu_matmul.available():
-        assert cpu_rowwise._WHY_NOT == "cc failed: test"
+        assert cpu_rowwise.LIBRARY.why_not == "cc failed: test"
     torch.testing.assert_close(cpu_rowwise.rms_norm(x, w, 1e-5), cpu_rowwise.rms_norm_reference(x, w, 1e-5))

@@ -47,8 +47,9 @@ SPECULATION_MARGIN = 1.2
 # ---- the acceptance profile ----------------------------------------------------------------------------------------
 def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_tokens: int,
                        stop_ids: list[int], source: str = "") -> dict:
-    """Greedy decoding of one prompt at a time, drafted as the engine drafts at batch 1 (prompt-lookup copies of up to
-    ``SpecConfig.lookup_len`` tokens where the text repeats, confidence 1), verifying every draft: one row per step.
+    """Greedy decoding of one prompt at a time, drafted as the engine drafts at batch 1 (prompt-lookup copies of
+    ``SpecConfig.lookup_len`` tokens where the text repeats, growing up to ``longest_copy`` while accepted whole,
+    confidence 1), verifying every draft: one row per step.
     Larger batches copy no further than the drafter's B_s - 1 drafts, so their rows are the same steps cut there."""
     from flexdraft.sampling import SamplingParams
     from flexdraft.speculative import SpecConfig, generate_speculative
@@ -62,7 +63,7 @@ def measure_acceptance(model, drafter, prompt_ids: list[list[int]], max_new_toke
 
     # Sequential and parallel steps draft the same tokens; sequential is the cheaper way to verify all of them.
     full, spec = drafter.block_size - 1, SpecConfig()
-    width = max(full, spec.lookup_len)
+    width = max(full, spec.lookup_len, spec.longest_copy)
     long = {"batch": spec.long_copy_batch, "accepted": [], "confidence": []}
     accepted, confidence = [], []
     for step in traced(SpecConfig(verify_threshold=0.0, tree_nodes=0)):

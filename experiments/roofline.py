@@ -330,11 +330,11 @@ def grid_points(grid: Grid, block: int, mask_share: float = 1.0, tree_tokens: in
 def cost_calls(model, drafter, grid: Grid) -> dict:
     """{(op, batch, tokens, context): call} for every grid point (one cache per batch size and context, shared)."""
     shape = Shape.of(model, drafter)
-    # Tree steps and long copies (at small batch) pass the bonus and up to ``tree_nodes`` nodes, or a copy of
-    # ``lookup_len`` drafts, through the target.
+    # Tree steps and long copies (at small batch) pass the bonus and up to ``tree_nodes`` nodes, or a copy of up to
+    # ``longest_copy`` drafts, through the target.
     spec = SpecConfig()
     points = grid_points(grid, drafter.block_size, shape.tuned / shape.layers,
-                         max(spec.tree_nodes, spec.lookup_len) + 1)
+                         max(spec.tree_nodes, spec.lookup_len, spec.longest_copy) + 1)
     lengths = {}
     for _, b, q, ctx in points:
         lengths[(b, ctx)] = max(lengths.get((b, ctx), 0), ctx + q + 1)

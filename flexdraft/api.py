@@ -13,7 +13,7 @@ import torch
 
 from flexdraft.batch import Stats
 from flexdraft.errors import FlexDraftError
-from flexdraft.lookup import COPY_LEN
+from flexdraft.lookup import COPY_LEN, LONGEST_COPY
 from flexdraft.tree import TREE_NODES
 from flexdraft.sampling import SamplingParams
 
@@ -152,7 +152,7 @@ class FlexDraft:
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 1, raw: bool = False,
                  verify_threshold: float = 0.01, verify_strategy: str = "cumulative_product",
                  calibration: bool = True, lookup: bool = True, lookup_len: int = COPY_LEN,
-                 tree_nodes: int = TREE_NODES, parallel_trees: bool = False) -> GenerationResult:
+                 longest_copy: int = LONGEST_COPY, tree_nodes: int = TREE_NODES, parallel_trees: bool = False) -> GenerationResult:
         from flexdraft.generate import generate_ar
         from flexdraft.speculative import SpecConfig, generate_speculative
 
@@ -164,7 +164,7 @@ class FlexDraft:
             raise FlexDraftError(f"--batch-size must be at least 1, got {batch_size}")
         try:
             params = SamplingParams(temperature, top_k, top_p)
-            spec = SpecConfig(verify_threshold, verify_strategy, calibration, lookup, lookup_len,
+            spec = SpecConfig(verify_threshold, verify_strategy, calibration, lookup, lookup_len, longest_copy,
                               tree_nodes=tree_nodes, parallel_trees=parallel_trees)
         except ValueError as exc:
             raise FlexDraftError(str(exc)) from None

@@ -11,7 +11,7 @@ from experiments.cli import add_device_arg
 from experiments.cli import add_parsers as add_experiment_parsers
 from flexdraft.data import ORDERS
 from flexdraft.errors import FlexDraftError
-from flexdraft.lookup import COPY_LEN
+from flexdraft.lookup import COPY_LEN, LONGEST_COPY
 from flexdraft.tree import TREE_NODES
 from kernels import backend
 
@@ -63,6 +63,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-len", type=int, default=COPY_LEN,
                    help=f"tokens a prompt-lookup copy drafts while one sequence is decoding (default {COPY_LEN}); "
                    "in a batch, copies draft the drafter's block size - 1, and never fewer")
+    p.add_argument("--longest-copy", type=int, default=LONGEST_COPY,
+                   help="while one sequence is decoding, a copy accepted whole doubles the next one, up to this many "
+                   f"tokens (default {LONGEST_COPY}; at most --lookup-len: no growth)")
     p.add_argument("--tree-nodes", type=int, default=TREE_NODES,
                    help="sequential steps verify a tree of up to this many drafts, the likeliest paths through "
                    "each block position's candidates, at batch 1 (default %(default)s; 0: a chain of the likeliest drafts)")
@@ -178,7 +181,8 @@ def command_generate(args) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          raw=args.raw, verify_threshold=args.verify_threshold,
                          verify_strategy=args.verify_strategy, calibration=not args.no_calibration,
-                         lookup=not args.no_lookup, lookup_len=args.lookup_len, tree_nodes=args.tree_nodes,
+                         lookup=not args.no_lookup, lookup_len=args.lookup_len,
+                         longest_copy=args.longest_copy, tree_nodes=args.tree_nodes,
                          parallel_trees=args.parallel_trees)
     if args.json:
         print(json.dumps(result.as_dict()))

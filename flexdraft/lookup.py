@@ -8,7 +8,8 @@ session 15). A copy is only a proposal: verification checks it like any draft, s
 when sampling, its q is one-hot on the copied token. A copy may run past the drafter's block: where one row is
 decoding it drafts up to ``COPY_LEN`` tokens (HumanEval 2.08 -> 2.45 tokens per step against copies of 3, session 19);
 in a batch, one row's long copy would widen every row's step, so there copies keep to the block
-(``flexdraft.speculative.SpecConfig``).
+(``flexdraft.speculative.SpecConfig``). Where a row's copy is accepted whole, its next copy doubles, up to
+``LONGEST_COPY``: a row caught in a loop verifies it in fewer, longer steps (``PromptLookup.heard``).
 
 Module / reference / test: ``lookup`` here, ``lookup_reference`` beside it, tests/test_lookup.py.
 """
@@ -19,6 +20,12 @@ import torch
 NGRAM_MAX = 4   # the longest suffix matched; longer ones found no more copies on the traces above
 NGRAM_MIN = 2   # a single repeated token is too weak a signal: it lost to the drafter's drafts there
 COPY_LEN = 10   # tokens a copy drafts by default: a repeated run is often longer than the drafter's block (session 19)
+# A copy accepted whole doubles the row's next copy, up to this many tokens; any other step starts it over at the
+# default. Batch 1, 256 new tokens, 20 + 21 prompts (reports/drafter/experiments.md, session 30): sequential steps
+# accept 2.90 -> 2.97 / 4.05 -> 4.31 tokens per step (40: 2.99 / 4.36) at the same speed: on a 2-core CPU each
+# verified row costs an FMA-bound ~1.4 ms, so a longer step pays for its tokens; where rows are nearly free (a GPU at
+# small batch) the tokens per step are the gain.
+LONGEST_COPY = 20
 
 
 def lookup_reference(history: list[int], num: int, ngram_max: int = NGRAM_MAX,
@@ -67,17 +74,34 @@ def lookup(history: torch.Tensor, end: torch.Tensor, num: int, ngram_max: int = 
 
 class PromptLookup:
     """Lookup drafts for the rows of a batch in flight: each row's prompt (kept right-aligned) and what it has
-    generated so far (``Batch.out``) make its history."""
+    generated so far (``Batch.out``) make its history. Each row's copy length grows while its copies are accepted
+    whole (``heard``): from ``copy_len`` doubling up to ``longest``."""
 
-    def __init__(self, prompts: list[list[int]], device):
+    def __init__(self, prompts: list[list[int]], device, copy_len: int = COPY_LEN, longest: int = LONGEST_COPY):
         width = max(len(p) for p in prompts)
         self.prompts = torch.full((len(prompts), width), -1, dtype=torch.int64)
         for i, prompt in enumerate(prompts):
             self.prompts[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.int64)
         self.prompts = self.prompts.to(device)
+        self.copy_len, self.longest = copy_len, max(copy_len, longest)
+        self.run = torch.full((len(prompts),), copy_len, dtype=torch.int64, device=device)   # per row of the call
 
-    def propose(self, batch, num: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(proposals [B, num], found [B]) for the active rows of ``batch`` (a ``flexdraft.batch.Batch``)."""
+    def propose(self, batch, num: int, grow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(proposals [B, W], found [B]) for the active rows of ``batch`` (a ``flexdraft.batch.Batch``): ``num``
+        tokens each, or with ``grow`` as many as the row's run has reached (at least ``num``); -1 past a row's
+        length and in rows not found."""
         rows = batch.rows
         history = torch.cat([self.prompts[rows], batch.out[rows]], dim=1)
-        return lookup(history, self.prompts.shape[1] + batch.generated[rows], num)
+        if not grow:
+            return lookup(history, self.prompts.shape[1] + batch.generated[rows], num)
+        lengths = self.run[rows].clamp(min=num)
+        proposals, found = lookup(history, self.prompts.shape[1] + batch.generated[rows], int(lengths.max()))
+        beyond = torch.arange(proposals.shape[1], device=proposals.device)[None, :] >= lengths[:, None]
+        return proposals.masked_fill(beyond, -1), found
+
+    def heard(self, batch, copied: torch.Tensor, verified: torch.Tensor, accepted: torch.Tensor) -> None:
+        """After a step over the active rows of ``batch``: rows that verified a copy (``copied``) of ``verified``
+        tokens and accepted all of them double their run; every other row starts over."""
+        rows = batch.rows
+        whole = copied & (accepted >= verified)
+        self.run[rows] = torch.where(whole, (2 * self.run[rows]).clamp(max=self.longest), self.copy_len)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from flexdraft.batch import Batch, Stats
 from flexdraft.drafter import Drafter
 from flexdraft.generate import choose_tokens, decode_one_token, prefill
-from flexdraft.lookup import COPY_LEN, PromptLookup
+from flexdraft.lookup import COPY_LEN, LONGEST_COPY, PromptLookup
 from flexdraft.model import KVCache, MaskStream, Transformer
 from flexdraft.rng import Streams
 from flexdraft.sampling import SamplingParams, draw, probabilities, race_noise
@@ -49,9 +49,12 @@ class SpecConfig:
     verify_strategy: str = "cumulative_product"
     calibration: bool = True
     lookup: bool = True            # copy drafts where a row's text repeats itself (flexdraft/lookup.py)
-    # Tokens a copy drafts (never fewer than the drafter's Bs-1), up to a batch of ``long_copy_batch`` rows. In a
-    # larger batch copies draft Bs-1: one row's long copy widens every row's step (slower at batch 4 and 8 on a CPU).
+    # Tokens a copy drafts (never fewer than the drafter's Bs-1), up to a batch of ``long_copy_batch`` rows, and
+    # while a row's copies are accepted whole, twice as many each step up to ``longest_copy`` (at most the first
+    # length: no growth). In a larger batch
+    # copies draft Bs-1: one row's long copy widens every row's step (slower at batch 4 and 8 on a CPU).
     lookup_len: int = COPY_LEN
+    longest_copy: int = LONGEST_COPY
     long_copy_batch: int = 1
     # Sequential steps verify a tree of up to this many drafts (flexdraft/tree.py): the likeliest paths through
     # each slot's candidates whose probability reaches the verify threshold; 0: a chain. Trees run up to a batch of
@@ -67,6 +70,8 @@ class SpecConfig:
             raise ValueError(f"--tree-nodes must be in [0, {MAX_TREE_SLOTS - 1}], got {self.tree_nodes}")
         if self.lookup_len < 0:
             raise ValueError(f"--lookup-len must be at least 0, got {self.lookup_len}")
+        if not 0 <= self.longest_copy <= MAX_TREE_SLOTS - 1:
+            raise ValueError(f"--longest-copy must be in [0, {MAX_TREE_SLOTS - 1}], got {self.longest_copy}")
         if self.verify_strategy not in VERIFY_STRATEGIES:
             raise ValueError(f"--verify-strategy must be one of {', '.join(VERIFY_STRATEGIES)}")
         if not 0 <= self.verify_threshold <= 1:
@@ -96,9 +101,12 @@ class Drafts:
 
     @staticmethod
     def copied(tokens: torch.Tensor, vocab_size: int | None) -> "Drafts":
-        """Certain proposals ``tokens`` [B, W]: confidence 1 and (with ``vocab_size``, when sampling) q one-hot."""
-        probs = None if vocab_size is None else F.one_hot(tokens.clamp(min=0), vocab_size).float()
-        return Drafts(tokens, torch.ones(tokens.shape, device=tokens.device), probs)
+        """Certain proposals ``tokens`` [B, W]: confidence 1 and (with ``vocab_size``, when sampling) q one-hot;
+        a -1 (past a shorter copy's end) is an empty slot, whose token 0 only pads a pass."""
+        present = tokens >= 0
+        tokens = tokens.clamp(min=0)
+        probs = None if vocab_size is None else F.one_hot(tokens, vocab_size).float()
+        return Drafts(tokens, present.float(), probs)
 
     def replaced(self, rows: torch.Tensor, tokens: torch.Tensor) -> "Drafts":
         """These drafts with copies ``tokens`` [B, W'] (``copied``) instead where ``rows`` [B] is set. A longer copy
@@ -380,14 +388,15 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
         spec = replace(spec, tree_nodes=0)
     device = model.device
     block = drafter.block_size
-    most_drafts = max(block - 1, spec.lookup_len if spec.lookup else 0)   # per row and step
+    first_copy = max(block - 1, spec.lookup_len)   # a copy's length where one row is decoding, before it grows
+    most_drafts = max(first_copy, spec.longest_copy) if spec.lookup else block - 1   # per row and step
     batch = Batch(len(prompts), max_new_tokens, stop_ids, device)
     streams = Streams(seeds.to(device))
     stats = Stats(accept_histogram=[0] * (most_drafts + 2))
     start = time.perf_counter()
     cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + most_drafts + block + 1
                             + spec.tree_nodes)
-    lookup = PromptLookup(prompts, device) if spec.lookup else None
+    lookup = PromptLookup(prompts, device, first_copy, spec.longest_copy) if spec.lookup else None
     # A flex policy that starts with ar steps gets no drafts until a speculative step needs them.
     first_mode, _ = step_choice(choose_mode, batch.size)
     bonus, drafts = prefill_with_drafts(model, drafter, prompts, cache, params, spec, streams, stats,
@@ -409,8 +418,9 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
         step_mode, threshold = step_choice(choose_mode, batch.size)
         num_drafts, chain_only = None, False
         if step_mode != "ar":
-            copy_len = most_drafts if batch.size <= spec.long_copy_batch else block - 1
-            copies, found = lookup.propose(batch, copy_len) if lookup is not None else (None, None)
+            long_copies = batch.size <= spec.long_copy_batch
+            copies, found = (lookup.propose(batch, first_copy if long_copies else block - 1, long_copies)
+                             if lookup is not None else (None, None))
             all_copy = found is not None and bool(found.all())
             if drafts is None and not all_copy:  # after a sequential or ar step, some row has neither
                 drafts = draft_pass(model, drafter, cache, bonus, params, spec, streams, stats)
@@ -431,6 +441,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
                 step_mode, chain_only = "sequential", True
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
+            verified = num_drafts
         step = STEPS[step_mode]
         if (verifies_trees(step_mode, spec) and drafts.top is not None and batch.size <= spec.tree_batch
                 and not chain_only):
@@ -450,6 +461,8 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
         stats.mode_steps[step_mode] = stats.mode_steps.get(step_mode, 0) + 1
         previous_mode = step_mode
         gained = accept_len + 1
+        if step_mode != "ar" and found is not None and long_copies:
+            lookup.heard(batch, found, verified, accept_len)
         if observe is not None:
             observe(step_mode, batch.size, float(gained.float().mean()))
         stats.target_forwards += 1

@@ -21,6 +21,7 @@ NEEDS_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the error o
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["generate", "--prompt", "hi", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["generate", "--prompt", "hi", "--lookup-len", "-1"], "--lookup-len must be at least 0"),
+    (["generate", "--prompt", "hi", "--longest-copy", "64"], "--longest-copy must be in [0, 63]"),
     (["generate", "--prompt", "hi", "--tree-nodes", "-2"], "--tree-nodes must be in [0, 63]"),
     (["generate", "--prompt", "hi", "--tree-nodes", "64"], "--tree-nodes must be in [0, 63]"),
     (["generate", "--prompt", "hi", "--model", "/no/such/dir"], "does not exist"),

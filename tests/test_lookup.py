@@ -70,6 +70,32 @@ def test_prompt_lookup_reads_each_active_rows_prompt_and_output():
                                   lookup_reference([4, 4, 5, 6, 5, 6, 6, 5, 6], 3)]
 
 
+def test_a_copy_accepted_whole_doubles_the_rows_next_copy_and_anything_else_starts_it_over():
+    """Two rows that repeat themselves: each row's copy grows 3 -> 6 -> 12 -> 16 (the longest) while it is accepted
+    whole, falls back to 3 when it is not, or when the row did not copy; past a row's length its proposal is -1."""
+    prompts = [[1, 2, 3] * 12, [4, 5] * 12]
+    batch = Batch(2, 40, [[99], [99]])
+    batch.append(torch.tensor([[1], [4]]), torch.tensor([1, 1]))
+    copies = PromptLookup(prompts, "cpu", copy_len=3, longest=16)
+    everyone, nobody = torch.tensor([True, True]), torch.tensor([False, False])
+    for first_row, second_row in [(3, 3), (6, 6), (12, 12), (16, 3)]:
+        proposals, found = copies.propose(batch, 3, grow=True)
+        assert found.tolist() == [True, True]
+        lengths = (proposals >= 0).sum(dim=1).tolist()
+        assert lengths == [first_row, second_row]
+        assert proposals[0, :first_row].tolist() == lookup_reference(prompts[0] + [1], first_row)
+        assert proposals[1, :second_row].tolist() == lookup_reference(prompts[1] + [4], second_row)
+        verified = torch.tensor(lengths)
+        copies.heard(batch, everyone, verified, verified - torch.tensor([0, 0 if second_row < 12 else 1]))
+    assert copies.run.tolist() == [16, 6]
+    copies.heard(batch, torch.tensor([False, True]), torch.tensor([16, 6]), torch.tensor([16, 6]))
+    assert copies.run.tolist() == [3, 12]   # row 0 drafted with the drafter: its run starts over
+    proposals, _ = copies.propose(batch, 5, grow=False)
+    assert proposals.shape == (2, 5) and bool((proposals >= 0).all())   # without growth: the length asked for
+    copies.heard(batch, nobody, torch.tensor([1, 1]), torch.tensor([1, 1]))
+    assert copies.run.tolist() == [3, 3]
+
+
 def test_copied_drafts_raise_acceptance_on_repetitive_output_and_keep_it_identical():
     """A tiny random target falls into loops; the untrained drafter barely drafts them, copies do."""
     model = tiny_target("qwen3", seed=5)[0]

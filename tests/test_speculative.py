@@ -181,9 +181,9 @@ def test_long_copies_gain_more_than_a_block_per_step_on_repetitive_output():
         total, trace = Stats(), []
         for first in range(0, len(prompts), batch_size):
             rows = range(first, first + batch_size)
+            spec = SpecConfig(0.0, lookup_len=lookup_len, longest_copy=0, tree_nodes=0)   # no growth: see below
             got, stats = generate_speculative(model, drafter, prompts[first: first + batch_size], 40, SamplingParams(),
-                                              [[-1]] * batch_size, torch.arange(batch_size), mode,
-                                              SpecConfig(0.0, lookup_len=lookup_len, tree_nodes=0), trace=trace)
+                                              [[-1]] * batch_size, torch.arange(batch_size), mode, spec, trace=trace)
             assert got.results()[0] == [expected.results()[0][i] for i in rows]
             merge_stats(total, stats)
         return total, trace
@@ -199,6 +199,28 @@ def test_long_copies_gain_more_than_a_block_per_step_on_repetitive_output():
         assert max(verified) == 3     # two rows: a copy drafts at most the drafter's 3 (one row left: up to 12)
     assert accepted["parallel", 12] == accepted["sequential", 12] > accepted["parallel", 0] + 0.15, accepted
 
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_copies_accepted_whole_grow_and_keep_the_output(mode):
+    """One row at a time in the tiny target's loops: copies that start at 4 tokens and double while accepted whole
+    gain steps of more than 5 tokens (a copy that never grows cannot), fewer steps in all, the same output."""
+    model = tiny_target("qwen3", seed=5)[0]
+    prompts = random_prompts(model.config.vocab_size, [3 + (5 * i) % 11 for i in range(6)], seed=8)
+    expected, _ = generate_ar(model, prompts, 60, SamplingParams(), [[-1]] * 6, torch.arange(6))
+    drafter = Drafter.initialise(model, num_tuned_layers=2, block_size=4, seed=1)
+    totals = {}
+    for longest in (0, 32):
+        total = Stats()
+        for i, prompt in enumerate(prompts):
+            got, stats = generate_speculative(model, drafter, [prompt], 60, SamplingParams(), [[-1]],
+                                              torch.arange(1), step_mode(mode),
+                                              SpecConfig(0.0, lookup_len=4, longest_copy=longest))
+            assert got.results()[0] == [expected.results()[0][i]], (longest, i)
+            merge_stats(total, stats)
+        totals[longest] = total
+    assert sum(totals[0].accept_histogram[6:]) == 0 < sum(totals[32].accept_histogram[6:])
+    assert totals[32].target_forwards < totals[0].target_forwards
 
 # ---- sampling: the exact target distribution ------------------------------------------------------------------
 VOCAB, CONTINUATION = 6, 3

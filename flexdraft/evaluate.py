@@ -174,7 +174,7 @@ def run(drafter: str, out: Path, mtbench: int, humaneval: int, max_new_tokens: i
     if humaneval:
         datasets["HumanEval"] = humaneval_prompts()[:humaneval]
     meta = {"drafter": drafter, "drafter_config": fd.drafter.config.__dict__, "max_new_tokens": max_new_tokens,
-            "provenance": provenance(device)}
+            "provenance": provenance(fd.model.device)}   # "auto" resolved
     # Totals saved by an interrupted run go on only where the code, the device and the models are the same.
     run_key = {"drafter": drafter, "model": model, "git_commit": meta["provenance"]["git_commit"],
                "device": meta["provenance"]["device_name"]}

@@ -63,6 +63,20 @@ class ScriptedModels:
         return SimpleNamespace(stats=stats, outputs=[{"token_ids": list(range(max_new_tokens))}])
 
 
+@pytest.mark.real_model
+def test_the_command_runs_on_the_default_device_and_names_it(tmp_path):
+    """``--device`` left at auto: the run's provenance names the device it resolved to (it once passed "auto" on
+    and ended in a traceback)."""
+    from experiments.provenance import current_slug
+    from flexdraft.cli import main
+
+    out = tmp_path / "acceptance"
+    assert main(["evaluate", "--mtbench", "1", "--humaneval", "0", "--max-new-tokens", "3", "--quick",
+                 "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())["meta"]
+    assert meta["provenance"]["device"] == current_slug("cpu")
+
+
 def test_an_interrupted_evaluation_goes_on_from_the_next_prompt(tmp_path):
     datasets = {"MT-bench": ["a", "bbb", "cc"], "HumanEval": ["dddd", "e"]}
     key, progress, said = {"git_commit": "abc", "device": "cpu"}, tmp_path / "acceptance.progress.json", []

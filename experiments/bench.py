@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from experiments.provenance import provenance
+from flexdraft.speculative import VERIFY_THRESHOLD
 
 CONFIGS = ("ar", "sequential", "parallel", "flex", "hf", "hf-lookup")
 OUR_MODES = ("ar", "sequential", "parallel", "flex")
@@ -33,7 +34,7 @@ class BenchConfig:
     prompts: int = 16
     max_new_tokens: int = 128
     repeats: int = 3
-    verify_threshold: float = 0.01
+    verify_threshold: float = VERIFY_THRESHOLD
     seed: int = 0
     extra: dict = field(default_factory=dict)   # recorded as is (model, dtype, drafter, backend)
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from flexdraft.errors import FlexDraftError
+from flexdraft.speculative import VERIFY_THRESHOLD
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -81,7 +82,7 @@ def add_parsers(sub) -> None:
     bench.add_argument("--prompts", type=int, default=None, help="prompts per measurement (at least the batch size)")
     bench.add_argument("--max-new-tokens", type=int, default=None)
     bench.add_argument("--repeats", type=int, default=None)
-    bench.add_argument("--verify-threshold", type=float, default=0.01, help="for the fixed modes")
+    bench.add_argument("--verify-threshold", type=float, default=VERIFY_THRESHOLD, help="for the fixed modes")
     bench.add_argument("--out", default=None, help="default reports/<device>/bench.json")
 
     report = sub.add_parser("report", help="reports/<device>/README.md and plots from the bench and roofline JSONs")

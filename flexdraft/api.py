@@ -16,6 +16,7 @@ from flexdraft.errors import FlexDraftError
 from flexdraft.lookup import COPY_LEN, LONGEST_COPY
 from flexdraft.tree import TREE_NODES
 from flexdraft.sampling import SamplingParams
+from flexdraft.speculative import VERIFY_THRESHOLD
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("ar", "sequential", "parallel", "flex")
@@ -150,7 +151,7 @@ class FlexDraft:
     def generate(self, prompts: list[str] | None = None, *, prompt_ids: list[list[int]] | None = None,
                  mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 1, raw: bool = False,
-                 verify_threshold: float = 0.01, verify_strategy: str = "cumulative_product",
+                 verify_threshold: float = VERIFY_THRESHOLD, verify_strategy: str = "cumulative_product",
                  calibration: bool = True, lookup: bool = True, lookup_len: int = COPY_LEN,
                  longest_copy: int = LONGEST_COPY, tree_nodes: int = TREE_NODES, parallel_trees: bool = False) -> GenerationResult:
         from flexdraft.generate import generate_ar

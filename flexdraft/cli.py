@@ -12,6 +12,7 @@ from experiments.cli import add_parsers as add_experiment_parsers
 from flexdraft.data import ORDERS
 from flexdraft.errors import FlexDraftError
 from flexdraft.lookup import COPY_LEN, LONGEST_COPY
+from flexdraft.speculative import VERIFY_THRESHOLD
 from flexdraft.tree import TREE_NODES
 from kernels import backend
 
@@ -55,7 +56,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "triton"],
                    help="attention/verification/draft-head implementation (triton runs interpreted on a CPU)")
     p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--verify-threshold", type=float, default=0.01)
+    p.add_argument("--verify-threshold", type=float, default=VERIFY_THRESHOLD,
+                   help="verify drafts while their cumulative confidence reaches this (default %(default)s)")
     p.add_argument("--verify-strategy", default="cumulative_product", choices=["cumulative_product", "min_confidence"])
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--no-lookup", action="store_true",

@@ -43,9 +43,18 @@ MODES = ("sequential", "parallel")
 STEP_MODES = MODES + ("ar",)   # what a flex policy may choose per step
 
 
+# Drafts verified while their cumulative confidence reaches this (and a tree's paths). Each verified row costs a
+# 2-core CPU ~1.5 ms of FMAs against an ar step's ~11 ms, so a draft must be accepted about one time in seven to
+# pay: batch 1, 64 new tokens, 20 + 21 prompts (reports/drafter/experiments.md, session 30), 0.01 -> 0.1 took
+# sequential (8-node trees) 0.76x -> 0.83x / 1.17x -> 1.23x ar on MT-bench / HumanEval and parallel 0.70x -> 0.78x /
+# 1.08x -> 1.16x, at 0.24 / 0.17 fewer tokens per step. Where rows are nearly free (a GPU at small batch) a lower one
+# pays; flex takes each batch size's from the device's store.
+VERIFY_THRESHOLD = 0.1
+
+
 @dataclass
 class SpecConfig:
-    verify_threshold: float = 0.01
+    verify_threshold: float = VERIFY_THRESHOLD
     verify_strategy: str = "cumulative_product"
     calibration: bool = True
     lookup: bool = True            # copy drafts where a row's text repeats itself (flexdraft/lookup.py)

@@ -76,7 +76,7 @@ class Shape:
     head_itemsize: int | None = None   # the draft head's weights where they differ (bf16 copies on a CPU)
     draft_vocab: int | None = None     # the words the draft head scores, where fewer than the target's
     # Bytes a weight streams where a product of up to ``block_rows`` rows reads the GGUF blocks the weights came from
-    # (kernels/cpu_matmul.py: Q4_1 layers 0.75, a Q8_0 lm_head 1.125); None: ``itemsize``.
+    # (kernels/cpu_matmul.py: Q4_1 layers 0.625, a Q8_0 lm_head 1.0625); None: ``itemsize``.
     block_itemsize: float | None = None
     block_lm_itemsize: float | None = None
     block_rows: int = 0

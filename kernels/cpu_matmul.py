@@ -17,12 +17,13 @@ row's result does not depend on its batch: a verify pass over [bonus, drafts] gi
 one-row autoregressive step gives it.
 
 Weights whose values are dequantised GGUF blocks pack as those blocks (``pack_blocks``): the default model ships as a
-GGUF whose layers are Q4_1 (per block of 32 along K, ``w = d * q + m``, fp16 d and m, q in 0..15: 0.75 bytes a
-weight packed, against 4) and whose tied lm_head is Q8_0 (``w = d * q``, q in -128..127: 1.125 bytes). The kernel
-rebuilds each weight in registers with the dequantisation's own arithmetic (a multiply, then an add: two
-roundings), so it multiplies the very fp32 values and its outputs are bit for bit the fp32 packing's; a model gives
-the same tokens either way. With ~5x fewer bytes to stream, a one-row pass is bound by the rebuilding rather than
-by DRAM. Only few rows take it (``BLOCKS_MAX_ROWS``): more rows would rebuild the weights once per 12 rows.
+GGUF whose layers are Q4_1 (per block of 32 along K, ``w = d * q + m``, fp16 d and m, q in 0..15: 0.625 bytes a
+weight packed, against 4) and whose tied lm_head is Q8_0 (``w = d * q``, q in -128..127: 1.0625 bytes). The kernel
+rebuilds each weight in registers to the dequantisation's own value (``d * q + m`` as one FMA: ``d * q`` is exact,
+so one rounding equals the dequantisation's two), so it multiplies the very fp32 values and its outputs are bit for
+bit the fp32 packing's; a model gives the same tokens either way. With ~5x fewer bytes to stream, a one-row pass is
+bound by the rebuilding rather than by DRAM. Only few rows take it (``BLOCKS_MAX_ROWS``): more rows would rebuild
+the weights once per 12 rows.
 
 bf16 weights serve the draft head (bf16 copies of its vocabulary rows: on the Xeon, 3 slots' head products took
 1.5 ms here against 2.7 ms in torch's bf16 GEMM, caches cold) and any fp32 weight whose values are all bf16 values
@@ -54,10 +55,12 @@ TILE = 16   # output columns per tile of the packed layout: two AVX2 registers, 
 WEIGHT_C_TYPES = {"f32": "float", "bf16": "uint16_t", "q4": "uint8_t", "q8": "int8_t"}   # rows are fp32 either way
 # A packing's dtype names its format: Q4_1 blocks are uint8 bytes, Q8_0 blocks int8 ones.
 WEIGHT_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.uint8: "q4", torch.int8: "q8"}
-# GGUF block packings, per (tile, block of BLOCK along K): 16 fp32 scales d (Q4_1: then 16 fp32 minimums m), then
-# rows of 16 bytes, column j's q in byte j: Q8_0 one k per row (int8), Q4_1 two (k in the low nibble, k + 1 high).
+# GGUF block packings, per (tile, block of BLOCK along K): 16 fp16 scales d (Q4_1: then 16 fp16 minimums m; GGUF
+# stores both as fp16, and widening is exact), then rows of 16 bytes, column j's q in byte j: Q8_0 one k per row
+# (int8), Q4_1 two (k in the low nibble, k + 1 high). fp16 scales stream 0.625 bytes a Q4_1 weight, not 0.75.
 BLOCK = 32
-BLOCK_BYTES = {"q4": 2 * TILE * 4 + BLOCK * TILE // 2, "q8": TILE * 4 + BLOCK * TILE}
+SCALE_BYTES = 2
+BLOCK_BYTES = {"q4": 2 * TILE * SCALE_BYTES + BLOCK * TILE // 2, "q8": TILE * SCALE_BYTES + BLOCK * TILE}
 # Rows up to which products take a block packing where a weight has one: a pass rebuilds the weights for up to 12
 # rows, so more rows rebuild them again per 12 and the fp32 packing's plain loads win.
 BLOCKS_MAX_ROWS = 12
@@ -92,7 +95,7 @@ class Isa:
 ISAS = {
     # 16 ymm registers: 6 rows x 2 halves = 12 accumulators, 2 weight registers, 1 broadcast.
     # Faster than MKL at every count from 1 to 128 rows, at 1 and 2 threads (AVX2 EPYC).
-    "avx2": Isa("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma"), 8, 6, {1: 3, 2: 2}, 128),
+    "avx2": Isa("avx2", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c"), 8, 6, {1: 3, 2: 2}, 128),
     # 32 zmm registers: up to 12 rows x 2 tiles = 24 accumulators, 2 weight registers, 1 broadcast. On a core with
     # full-width AVX-512 units this doubles the FLOPs per cycle of the compute-bound passes (many rows). On the
     # AVX512-BF16 EPYC it ran 1.8-2.8x MKL's fp32 GEMM at 64-8192 rows (576x3072, 1536x576, 1 thread), so it takes
@@ -187,7 +190,7 @@ def pack_blocks(weight: torch.Tensor, kind: str, layout: str = "in_out") -> torc
         return None
     q, d, m = values
     tiles, blocks = N // TILE, K // BLOCK
-    scales = torch.stack([d] if m is None else [d, m], dim=1)               # [blocks, 1 or 2, N]
+    scales = torch.stack([d] if m is None else [d, m], dim=1).half()        # [blocks, 1 or 2, N]; fp16 values
     scales = scales.reshape(blocks, -1, tiles, TILE).permute(2, 0, 1, 3).contiguous().view(torch.uint8)
     if kind == "q4":
         q = q.to(torch.uint8).reshape(blocks, BLOCK // 2, 2, tiles, TILE)
@@ -203,9 +206,9 @@ def unpack_blocks(packed: torch.Tensor) -> torch.Tensor:
     kind, (tiles, blocks, _) = WEIGHT_DTYPES[packed.dtype], packed.shape
     num_scales = 2 if kind == "q4" else 1
     raw = packed.view(torch.uint8)
-    scales = raw[:, :, :num_scales * TILE * 4].contiguous().view(torch.float32).reshape(tiles, blocks, num_scales,
-                                                                                         1, TILE)
-    body = packed[:, :, num_scales * TILE * 4:]
+    scales = raw[:, :, :num_scales * TILE * SCALE_BYTES].contiguous().view(torch.float16).float().reshape(
+        tiles, blocks, num_scales, 1, TILE)
+    body = packed[:, :, num_scales * TILE * SCALE_BYTES:]
     if kind == "q4":
         nibbles = body.reshape(tiles, blocks, BLOCK // 2, 1, TILE)
         q = torch.cat([nibbles & 15, nibbles >> 4], dim=3)
@@ -350,8 +353,12 @@ def _pass_function_blocks(isa: Isa, rows: int, tiles: int, kind: str) -> list[st
     q4 = kind == "q4"
     num_scales, k_per_row = (2, 2) if q4 else (1, 1)
     acc = [f"a{r}_{t}_{h}" for r in range(rows) for t in range(tiles) for h in range(parts)]
-    scales = ", ".join(f"d{t}_{h} = {op}_loadu_ps((const float *)p{t} + {h * W})"
-                       + (f", m{t}_{h} = {op}_loadu_ps((const float *)p{t} + {TILE + h * W})" if q4 else "")
+    half = "_mm256_loadu_si256((const __m256i *)" if W == 16 else "_mm_loadu_si128((const __m128i *)"
+
+    def widened(t, offset):   # W fp16 scales at byte ``offset`` of tile t's block, as fp32 lanes (exact)
+        return f"{op}_cvtph_ps({half}(p{t} + {offset})))"
+    scales = ", ".join(f"d{t}_{h} = {widened(t, h * W * SCALE_BYTES)}"
+                       + (f", m{t}_{h} = {widened(t, (TILE + h * W) * SCALE_BYTES)}" if q4 else "")
                        for t in range(tiles) for h in range(parts))
     load = "_mm_loadu_si128" if W == 16 else "_mm_loadl_epi64"
     widen = f"{iop}_cvtepu8_epi32" if q4 else f"{iop}_cvtepi8_epi32"
@@ -371,7 +378,7 @@ def _pass_function_blocks(isa: Isa, rows: int, tiles: int, kind: str) -> list[st
     for t in range(tiles):
         for h in range(parts):
             lines.append(f"            const {Vi} v{t}_{h} = {widen}({load}((const __m128i *)"
-                         f"(p{t} + {num_scales * TILE * 4} + kk * {TILE} + {h * W})));")
+                         f"(p{t} + {num_scales * TILE * SCALE_BYTES} + kk * {TILE} + {h * W})));")
             if q4:
                 nibbles = (("e", f"{iop}_and_si{W * 32}(v{t}_{h}, low)"), ("o", f"{iop}_srli_epi32(v{t}_{h}, 4)"))
                 for name, nibble in nibbles:   # d * q is exact (11 x 4 significant bits): one FMA rounds as two did

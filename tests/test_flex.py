@@ -511,18 +511,18 @@ def test_the_default_grid_measures_prefill_at_every_batch_and_leaves_out_large_d
 
 
 def test_the_bytes_model_counts_the_gguf_blocks_a_few_row_product_streams():
-    """Where the packed CPU kernel reads the weights' GGUF blocks (up to ``block_rows`` rows), a pass streams 0.75
-    bytes a layer weight and 1.125 an lm_head weight, not 4: the floor moves with it; more rows stream fp32."""
+    """Where the packed CPU kernel reads the weights' GGUF blocks (up to ``block_rows`` rows), a pass streams 0.625
+    bytes a layer weight and 1.0625 an lm_head weight, not 4: the floor moves with it; more rows stream fp32."""
     from dataclasses import replace
 
     fp32 = Shape(layers=30, tuned=12, block=4, hidden=576, intermediate=1536, vocab=49152, heads=9, kv_heads=3,
                  head_dim=64, rank=256, itemsize=4)
-    blocks = replace(fp32, block_itemsize=0.75, block_lm_itemsize=1.125, block_rows=12)
+    blocks = replace(fp32, block_itemsize=0.625, block_lm_itemsize=1.0625, block_rows=12)
     weights = 30 * fp32.layer_params, 49152 * 576
     _, moved = work("target", blocks, 1, 9, 0)
-    assert moved == pytest.approx(0.75 * weights[0] + 1.125 * weights[1] + fp32.kv_bytes(30, 9))
+    assert moved == pytest.approx(0.625 * weights[0] + 1.0625 * weights[1] + fp32.kv_bytes(30, 9))
     assert work("target", blocks, 4, 4, 64) == work("target", fp32, 4, 4, 64)          # 16 rows: fp32 packings
-    assert work("draft", blocks, 1, 4, 0)[1] == pytest.approx(0.75 * 12 * fp32.layer_params)
+    assert work("draft", blocks, 1, 4, 0)[1] == pytest.approx(0.625 * 12 * fp32.layer_params)
 
 
 @pytest.mark.real_model
@@ -533,4 +533,4 @@ def test_the_default_models_layers_and_lm_head_stream_as_their_gguf_blocks():
 
     if not cpu_matmul.available():
         pytest.skip(f"packed CPU matmul unavailable: {cpu_matmul.why_unavailable()}")
-    assert block_itemsizes(FlexDraft.load("default", drafter="untrained").model) == (0.75, 1.125, 12)
+    assert block_itemsizes(FlexDraft.load("default", drafter="untrained").model) == (0.625, 1.0625, 12)

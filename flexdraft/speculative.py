@@ -58,10 +58,10 @@ class SpecConfig:
     verify_strategy: str = "cumulative_product"
     calibration: bool = True
     lookup: bool = True            # copy drafts where a row's text repeats itself (flexdraft/lookup.py)
-    # Tokens a copy drafts (never fewer than the drafter's Bs-1), up to a batch of ``long_copy_batch`` rows, and
-    # while a row's copies are accepted whole, twice as many each step up to ``longest_copy`` (at most the first
-    # length: no growth). In a larger batch
-    # copies draft Bs-1: one row's long copy widens every row's step (slower at batch 4 and 8 on a CPU).
+    # Tokens a copy drafts (never fewer than the drafter's Bs-1), up to a batch of ``long_copy_batch`` rows; while a
+    # row's copies are accepted whole, twice as many each step, up to ``longest_copy`` (no more than the first: no
+    # growth). In a larger batch copies draft Bs-1: one row's long copy widens every row's step (slower at batch 4
+    # and 8 on a CPU).
     lookup_len: int = COPY_LEN
     longest_copy: int = LONGEST_COPY
     long_copy_batch: int = 1
@@ -450,7 +450,7 @@ def generate_speculative(model: Transformer, drafter: Drafter, prompts: list[lis
                 step_mode, chain_only = "sequential", True
             room = batch.max_new_tokens - batch.generated[batch.rows]
             num_drafts = torch.minimum(verify_len(drafts.confidence, spec, threshold), (room - 1).clamp(min=1))
-            verified = num_drafts
+            verified = num_drafts   # the chain's length (a tree step replaces num_drafts): what a copy verifies
         step = STEPS[step_mode]
         if (verifies_trees(step_mode, spec) and drafts.top is not None and batch.size <= spec.tree_batch
                 and not chain_only):

@@ -153,7 +153,8 @@ class FlexDraft:
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 1, raw: bool = False,
                  verify_threshold: float = VERIFY_THRESHOLD, verify_strategy: str = "cumulative_product",
                  calibration: bool = True, lookup: bool = True, lookup_len: int = COPY_LEN,
-                 longest_copy: int = LONGEST_COPY, tree_nodes: int = TREE_NODES, parallel_trees: bool = False) -> GenerationResult:
+                 longest_copy: int = LONGEST_COPY, tree_nodes: int = TREE_NODES,
+                 parallel_trees: bool = False) -> GenerationResult:
         from flexdraft.generate import generate_ar
         from flexdraft.speculative import SpecConfig, generate_speculative
 

@@ -75,12 +75,11 @@ class SpecConfig:
     parallel_trees: bool = False
 
     def __post_init__(self):
-        if not 0 <= self.tree_nodes < MAX_TREE_SLOTS:
-            raise ValueError(f"--tree-nodes must be in [0, {MAX_TREE_SLOTS - 1}], got {self.tree_nodes}")
-        if self.lookup_len < 0:
-            raise ValueError(f"--lookup-len must be at least 0, got {self.lookup_len}")
-        if not 0 <= self.longest_copy <= MAX_TREE_SLOTS - 1:
-            raise ValueError(f"--longest-copy must be in [0, {MAX_TREE_SLOTS - 1}], got {self.longest_copy}")
+        # a tree's nodes and a copy's tokens each fill a step's draft slots
+        for flag, drafts in (("--tree-nodes", self.tree_nodes), ("--lookup-len", self.lookup_len),
+                             ("--longest-copy", self.longest_copy)):
+            if not 0 <= drafts <= MAX_TREE_SLOTS - 1:
+                raise ValueError(f"{flag} must be in [0, {MAX_TREE_SLOTS - 1}], got {drafts}")
         if self.verify_strategy not in VERIFY_STRATEGIES:
             raise ValueError(f"--verify-strategy must be one of {', '.join(VERIFY_STRATEGIES)}")
         if not 0 <= self.verify_threshold <= 1:

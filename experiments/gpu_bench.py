@@ -83,9 +83,10 @@ def run(payload: Path, out: Path, minutes: float, dry_run: bool = False, threads
     env_store = {"FLEXDRAFT_FLEX_STORE": str(store)} if store.is_file() else {}
     bench_budget = deadline - time.time() - 15
     for name, share, extra in BENCHES:
-        if dry_run:
-            extra = ["--batch-sizes", "2" if name == "bench-batched" else "1", "--prompts", "2", "--repeats", "1",
-                     "--configs", "ar,parallel,flex", "--max-new-tokens", "8"]
+        if dry_run:   # a batch's worth of prompts per data set
+            batch = "2" if name == "bench-batched" else "1"
+            extra = ["--batch-sizes", batch, "--prompts", batch, "--repeats", "1", "--configs", "ar,parallel,flex",
+                     "--max-new-tokens", "8"]
         step_began = time.time()
         seconds = bench_budget * share if name != BENCHES[-1][0] else deadline - time.time() - 15
         summary["steps"][name] = supervised(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -53,16 +52,15 @@ def pytest_command(suite: str, json_out: Path, baseline: Path | None) -> list[st
 
 
 def save_baseline(suite: str, baseline: Path, runs: int) -> int:
+    from experiments.bench import write_json   # atomic: an interrupt keeps the old baseline
+
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"{suite}-{i}.json" for i in range(runs)]
         for out in outs:
             code = subprocess.run(pytest_command(suite, out, None), cwd=REPO).returncode
             if code != 0:
                 return code
-        baseline.parent.mkdir(parents=True, exist_ok=True)
-        partial = baseline.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(slowest_minima([json.loads(out.read_text()) for out in outs]), indent=4))
-        os.replace(partial, baseline)   # atomic: an interrupt keeps the old baseline
+        write_json(baseline, slowest_minima([json.loads(out.read_text()) for out in outs]))
     return 0
 
 

@@ -25,7 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m flexdraft fetch
-	$(PY) -m pytest -q tests
+	# One worker per core, then what times itself alone (a neighbour's load would count in its timings).
+	$(PY) -m pytest -q -n auto -m "not serial" tests
+	$(PY) -m pytest -q -m serial tests
 	# Kernel benchmarks as a smoke test (interpreted on a CPU: they prove the benchmarks run, not speed).
 	$(PY) -m pytest -q tests/bench_kernels.py --benchmark-only -p no:cacheprovider --benchmark-disable-gc --benchmark-max-time=0.01 --benchmark-min-rounds=1
 

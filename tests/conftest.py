@@ -12,8 +12,8 @@ if not torch.cuda.is_available():  # kernels run under the Triton interpreter on
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tiny models are all per-op overhead: a second OpenMP thread only adds hand-offs (measured 5x slower on 2 cores).
-# Tests on the real model get every core back.
-ALL_THREADS = torch.get_num_threads()
+# Tests on the real model get every core back, or their worker's share of them under pytest-xdist (`make test`).
+ALL_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 torch.set_num_threads(1)
 
 

@@ -433,6 +433,7 @@ POINT_TOLERANCE, MEAN_TOLERANCE = 1.75, 1.25
 ATTEMPTS = 2
 
 
+@pytest.mark.serial
 def test_predictions_agree_with_measured_tokens_per_s(tiny):
     from experiments.crossover import measure_acceptance
     from experiments.roofline import cost_calls, cost_rows, time_interleaved

@@ -264,6 +264,7 @@ def test_fit_steps_spends_five_sixths_of_the_time_left_at_the_measured_pace():
     assert fit_steps(20, 2.0, 1.0) == 21          # always at least one more step
 
 
+@pytest.mark.serial
 def test_a_budgeted_run_fits_its_step_count_and_ends_by_its_deadline(toy, tmp_path):
     """--minutes: after warm-up the run fits its step count to the time left; if the estimate is short, the
     deadline ends it anyway, evaluated and saved at the step it reached."""

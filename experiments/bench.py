@@ -189,12 +189,13 @@ def run_bench(fd, hf, cfg: BenchConfig, out: Path | None = None, log=lambda mess
     return result
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict, sort_keys: bool = False) -> None:
+    """Write then rename: an interrupt leaves the old file or the new one, never half of one."""
     import os
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=sort_keys))
     os.replace(tmp, path)
 
 

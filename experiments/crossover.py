@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from experiments.bench import write_json
 from experiments.provenance import REPO, current_slug, provenance
 from experiments.roofline import STEP_OPS, CostTable
 
@@ -312,10 +313,7 @@ def write_entry(path: Path, key: str, entry: dict) -> Path:
     store = read_store(path) or {"schema": SCHEMA, "device": entry["provenance"]["device"],
                                  "device_name": entry["provenance"]["device_name"], "entries": {}}
     store["entries"][key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(path, store, sort_keys=True)
     return path
 
 
